@@ -1,0 +1,160 @@
+"""TokenSelection wired into training, through ``sstoken_pl.token_loss``, in a module that is not sstoken_pl's."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from sstoken_pl.callbacks import AttentionScore, HistoryModel, TokenSelection
+from sstoken_pl.errors import ConfigError
+from sstoken_pl.loss import response_mask
+from sstoken_pl.selection import kept_count, top_ratio_mask
+from tests.helpers import ForeignModule, loader, random_batches, trainer
+
+
+class SpySelection(TokenSelection):
+    """Records what ``select`` saw and returned, and the logged metrics, at each step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def select(self, pl_module, batch, token_nll, resp):
+        kept = super().select(pl_module, batch, token_nll, resp)
+        hist = self._history.history_nll(pl_module, batch) if self._history is not None else None
+        attn = self._attention.scores(pl_module, batch) if self._attention is not None else None
+        self.seen.append(
+            dict(step=pl_module.trainer.global_step, resp=resp.clone(), kept=kept.clone(), nll=token_nll.detach(),
+                 hist=hist, attn=attn, logged={k: float(v) for k, v in pl_module.trainer.callback_metrics.items()})
+        )
+        return kept
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6, 1.0])
+def test_kept_fraction_is_ceil_ratio_r_per_sample(tiny_llama, ratio):
+    spy = SpySelection(ratio=ratio, gamma=1.0)
+    trainer(max_steps=3, callbacks=[HistoryModel(mode="ema", ema_decay=0.5), spy]).fit(
+        ForeignModule(tiny_llama, lr=0.5), train_dataloaders=loader(random_batches(3))
+    )
+    assert len(spy.seen) == 3
+    for s in spy.seen:
+        R = s["resp"].sum(1)
+        assert torch.equal(s["kept"].sum(1), kept_count(R, ratio))
+        assert not (s["kept"] & ~s["resp"]).any()
+    # the logged kept fraction is the batch's kept share
+    last = spy.seen[-1]
+    assert abs(spy.seen[-1]["kept"].sum().item() / last["resp"].sum().item() - _kept_fraction(spy)) < 1e-6
+
+
+def _kept_fraction(spy):
+    return spy.last_logged["selection/kept_fraction"]
+
+
+@pytest.fixture(autouse=True)
+def _record_logged(monkeypatch):
+    """Make SpySelection keep the metrics it logged at its last call (callback_metrics lag one step)."""
+    original = TokenSelection._log
+
+    def log(pl_module, stats):
+        original(pl_module, stats)
+        for cb in pl_module.trainer.callbacks:
+            if isinstance(cb, SpySelection):
+                cb.last_logged = {k: float(v) for k, v in stats.items()}
+
+    monkeypatch.setattr(TokenSelection, "_log", staticmethod(log))
+
+
+def test_loss_is_mean_nll_over_kept_tokens(tiny_llama):
+    class LossSpy(ForeignModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.losses.append(loss.detach())
+            return loss
+
+    module = LossSpy(tiny_llama, lr=0.5)
+    module.losses = []
+    spy = SpySelection(ratio=0.5, gamma=1.0)
+    trainer(max_steps=2, callbacks=[HistoryModel(mode="snapshot", snapshot_every=1), spy]).fit(
+        module, train_dataloaders=loader(random_batches(2))
+    )
+    for s, loss in zip(spy.seen, module.losses):
+        torch.testing.assert_close(loss, s["nll"][s["kept"]].mean())
+        assert not torch.isclose(loss, s["nll"][s["resp"]].mean())
+
+
+def test_full_sstoken_in_a_foreign_module(tiny_llama):
+    spy = SpySelection(ratio=0.6, gamma=0.5)
+    trainer(max_steps=3, callbacks=[HistoryModel(mode="base"), AttentionScore(layer=-1), spy]).fit(
+        ForeignModule(tiny_llama, lr=0.5), train_dataloaders=loader(random_batches(3))
+    )
+    first, last = spy.seen[0], spy.seen[-1]
+    # step 0: history == current, REL ≡ 0, so selection is by attention alone
+    torch.testing.assert_close(first["hist"], first["nll"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(first["kept"], top_ratio_mask(first["attn"], first["resp"], 0.6))
+    # later, REL moves the choice away from attention-only
+    assert not torch.allclose(last["hist"], last["nll"])
+    assert set(spy.last_logged) == {"selection/kept_fraction", "selection/rel_mean", "selection/attn_mean"}
+    assert 0.0 <= spy.last_logged["selection/attn_mean"] <= 1.0
+
+
+def test_warmup_steps_train_on_every_response_token(tiny_llama):
+    spy = SpySelection(ratio=0.5, gamma=1.0, warmup_steps=2)
+    trainer(max_steps=3, callbacks=[HistoryModel(), spy]).fit(
+        ForeignModule(tiny_llama), train_dataloaders=loader(random_batches(3))
+    )
+    assert [torch.equal(s["kept"], s["resp"]) for s in spy.seen] == [True, True, False]
+
+
+def test_batch_granularity_ranks_across_samples(tiny_llama):
+    spy = SpySelection(ratio=0.5, gamma=0.0, granularity="batch")
+    trainer(max_steps=1, callbacks=[AttentionScore(), spy]).fit(
+        ForeignModule(tiny_llama), train_dataloaders=loader(random_batches(1))
+    )
+    s = spy.seen[0]
+    assert int(s["kept"].sum()) == int(kept_count(s["resp"].sum().reshape(1), 0.5))
+    kept_scores, dropped_scores = s["attn"][s["kept"]], s["attn"][s["resp"] & ~s["kept"]]
+    assert kept_scores.min() >= dropped_scores.max()
+
+
+def test_no_selection_outside_training(tiny_llama):
+    module = ForeignModule(tiny_llama)
+    spy = SpySelection(ratio=0.5, gamma=1.0)
+    t = trainer(max_steps=1, callbacks=[HistoryModel(), spy])
+    t.fit(module, train_dataloaders=loader(random_batches(1)))
+    module.eval()
+    batch = random_batches(1)[0]
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    import sstoken_pl
+    from sstoken_pl.loss import per_token_nll
+
+    loss = sstoken_pl.token_loss(module, batch, logits)
+    nll = per_token_nll(logits, batch["labels"])
+    torch.testing.assert_close(loss, nll[response_mask(batch["labels"])].mean())
+
+
+@pytest.mark.parametrize(
+    "callbacks, missing",
+    [([TokenSelection(gamma=0.5), AttentionScore()], "HistoryModel"), ([TokenSelection(gamma=0.5), HistoryModel()], "AttentionScore"),
+     ([TokenSelection(gamma=0.0)], "AttentionScore"), ([TokenSelection(gamma=1.0)], "HistoryModel")],
+)
+def test_missing_provider_is_named_at_fit_start(tiny_llama, callbacks, missing):
+    with pytest.raises(ConfigError, match=missing):
+        trainer(max_steps=1, callbacks=callbacks).fit(ForeignModule(tiny_llama), train_dataloaders=loader(random_batches(1)))
+
+
+@pytest.mark.parametrize("kwargs", [{"ratio": 0.0}, {"ratio": 1.2}, {"gamma": -0.5}, {"gamma": 2}, {"warmup_steps": -1}, {"granularity": "token"}])
+def test_bad_arguments_fail_at_construction(kwargs):
+    with pytest.raises(ValueError):
+        TokenSelection(**kwargs)
+
+
+def test_decoded_samples_are_logged(tiny_llama, tmp_path, byte_tok):
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = ForeignModule(tiny_llama)
+    module.tokenizer = byte_tok
+    batches = random_batches(2, vocab=200)
+    t = trainer(max_steps=2, logger=CSVLogger(tmp_path), callbacks=[HistoryModel(), TokenSelection(ratio=0.5, gamma=1.0, log_samples_every=1)])
+    t.fit(module, train_dataloaders=loader(batches))
+    text = (tmp_path / "lightning_logs" / "version_0" / "selection_samples.txt").read_text()
+    assert "step 1" in text and "step 2" in text
+    assert "[-" in text and "-]" in text
