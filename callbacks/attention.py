@@ -1,0 +1,111 @@
+"""``AttentionScore``: ssToken's per-token attention mass on the prompt, captured from the training forward."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from sstoken_pl.attention import PromptAttentionProbe, check_chunk_size, check_layer, prompt_key_mask
+from sstoken_pl.errors import ConfigError
+
+
+class AttentionScore(Callback):
+    """Provides, for each training batch, the attention mass each token's query puts on the prompt (``[B, T]``).
+
+    The score comes from one decoder layer of the training forward itself (no extra forward): the layer keeps its
+    fast attention (SDPA / flash) and the probe recomputes only the needed softmax rows, chunked and without grad
+    (see ``sstoken_pl.attention``). Values are in [0, 1], averaged over heads, aligned with ``labels``, 0 at padding.
+
+    Args:
+        layer: the decoder layer (negative counts from the end; ``-1``, the last, as in the paper).
+        chunk_size: query positions handled at once; the probe's extra memory is one float32
+            ``[B, heads, chunk_size, T]`` buffer.
+        model_attr: the attribute of the LightningModule that holds the Hugging Face model (plain or peft-wrapped).
+
+    The probe is installed at fit start (after ``configure_model``), armed at each training batch start and removed
+    at teardown. ``TokenSelection`` reads the scores through ``scores(pl_module, batch)``.
+    """
+
+    def __init__(self, layer: int = -1, chunk_size: int = 256, model_attr: str = "model") -> None:
+        self.layer = check_layer(layer, "AttentionScore.layer")
+        self.chunk_size = check_chunk_size(chunk_size, "AttentionScore.chunk_size")
+        if not isinstance(model_attr, str) or not model_attr:
+            raise ConfigError(f"AttentionScore.model_attr must be a non-empty attribute name, got {model_attr!r}")
+        self.model_attr = model_attr
+        self._probe: PromptAttentionProbe | None = None
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ probe life cycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove()
+        model = getattr(pl_module, self.model_attr, None)
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                f"AttentionScore: {type(pl_module).__name__}.{self.model_attr} is not a Hugging Face model (got "
+                f"{type(model).__name__}); set AttentionScore(model_attr=...) to the attribute that holds it"
+            )
+        try:
+            self._probe = PromptAttentionProbe.install(model, layer=self.layer, chunk_size=self.chunk_size)
+        except ConfigError as err:
+            raise ConfigError(f"AttentionScore ({type(pl_module).__name__}.{self.model_attr}): {err}") from None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        if self._probe is not None:
+            self._probe.remove()
+            self._probe = None
+        self._cache = None
+
+    # ------------------------------------------------------------------ per batch
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._cache = None
+        if self._probe is not None:
+            attention_mask = batch.get("attention_mask")
+            self._probe.arm(prompt_key_mask(batch["labels"], attention_mask), attention_mask)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._cache = None
+        if self._probe is not None:
+            self._probe.disarm()
+
+    def scores(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``FloatTensor[B, T]`` (float32): this training batch's attention mass on the prompt, per token.
+
+        Available once the training forward has run (e.g. from inside the loss); the same tensor is returned for
+        the rest of the batch.
+        """
+        key = id(batch["labels"])
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        if self._probe is None:
+            raise RuntimeError("AttentionScore.scores: no probe installed (scores exist only during trainer.fit)")
+        scores = self._probe.take()
+        if scores.shape != batch["labels"].shape:
+            raise RuntimeError(
+                f"AttentionScore.scores: captured scores {tuple(scores.shape)} do not match this batch's labels "
+                f"{tuple(batch['labels'].shape)}"
+            )
+        self._cache = (key, scores)
+        return scores
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "chunk_size": self.chunk_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn when the checkpoint's scores came from another layer (``chunk_size`` changes only memory use)."""
+        if state_dict.get("layer") != self.layer:
+            rank_zero_warn(
+                f"AttentionScore: the checkpoint was trained with attention layer {state_dict.get('layer')!r}, this "
+                f"run uses layer {self.layer}; continuing with layer {self.layer}"
+            )
