@@ -1,0 +1,504 @@
+"""``SFTDataModule``: SFT data from local files, a hub dataset or the built-in synthetic task, as padded batches.
+
+Record formats (``data.format``; ``auto`` picks one from the first record's fields):
+
+- ``messages``: ``{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}``; every
+  assistant turn is trained on.
+- ``prompt_completion``: ``{"prompt": ..., "completion": ...}``.
+- ``alpaca``: ``{"instruction": ..., "input": ..., "output": ...}``; a non-empty ``input`` is appended to the
+  instruction after a blank line.
+- ``gsm8k``: ``{"question": ..., "answer": ...}``; the answer's last line is ``#### <final answer>``, and its
+  calculator annotations (``<<48/2=24>>``) are removed by default.
+
+Sources (``data.path``): a ``.json`` (an array of records, or one record per line), ``.jsonl`` or ``.parquet``
+file; a directory of them, whose splits are inferred from file names as Hugging Face ``datasets`` does
+(``train*``; ``validation*``, ``valid*``, ``val*``, ``dev*``; ``test*``; any other file is training data); or a
+hub dataset name. Without ``data.val_path`` the validation records are the source's validation split, else its test
+split, else a seeded ``val_size`` share held out of the training records.
+
+Samples are rendered and labelled by ``sstoken_pl.templates`` (the tokenizer's chat template, or the plain
+``### Instruction:`` / ``### Response:`` template). Batches are dicts of ``LongTensor``: ``input_ids``,
+``attention_mask``, ``labels`` (``[B, T]``, right-padded to the longest sample; ``labels`` is ``-100`` on prompt
+and padding) and ``index`` (``[B]``: the record's position in its file or split, stable across runs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+from sstoken_pl.errors import ConfigError, DataError
+from sstoken_pl.loss import IGNORE_INDEX
+from sstoken_pl.synthetic import SyntheticTask
+from sstoken_pl.templates import ROLES, Messages, encode_messages, prompt_ids, to_messages
+
+Format = Literal["auto", "prompt_completion", "messages", "alpaca", "gsm8k"]
+# Each format's required fields, in the order ``auto`` tries them.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "gsm8k": ("question", "answer"),
+}
+DATA_EXTENSIONS = (".json", ".jsonl", ".parquet")
+# A file name's split, from its first word (as Hugging Face datasets infers splits): train, validation or test.
+_SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+}
+_FIRST_WORD = re.compile(r"^([a-z]+)(?=[-._ 0-9])")
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+# A raw record and where it comes from ("train.jsonl line 3"), for error messages.
+Record = tuple[str, dict[str, Any]]
+
+
+def extract_final_answer(text: str) -> Optional[str]:
+    """The final answer of a solution: after the last ``####`` (its first number, else its first line), else the
+    last number in the text; commas removed. ``None`` when there is none.
+    """
+    if "####" in text:
+        lines = text.rsplit("####", 1)[1].strip().splitlines()
+        tail = lines[0].strip() if lines else ""
+        found = _NUMBER.search(tail)
+        answer = found.group() if found else tail.rstrip(".")
+    else:
+        numbers = _NUMBER.findall(text)
+        answer = numbers[-1] if numbers else ""
+    answer = answer.replace(",", "")
+    return answer or None
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _read_jsonl(file: str) -> list[Record]:
+    records: list[Record] = []
+    with open(file, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{file} line {line_no}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{file} line {line_no}: malformed JSON ({err.msg})") from None
+    return records
+
+
+def _read_json(file: str) -> list[Record]:
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    if not text.lstrip().startswith("["):
+        return _read_jsonl(file)  # JSON Lines under a .json name, as Hugging Face datasets accepts
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file} line {err.lineno}: malformed JSON ({err.msg})") from None
+    return [(f"{file} record {i}", row) for i, row in enumerate(rows, 1)]
+
+
+def _read_parquet(file: str) -> list[Record]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(file).to_pylist()
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataError(f"{file}: not a readable Parquet file ({err})") from None
+    return [(f"{file} row {i}", row) for i, row in enumerate(rows, 1)]
+
+
+def read_file(file: str) -> list[Record]:
+    """The records of one ``.json``/``.jsonl``/``.parquet`` file, each with its location; never empty."""
+    ext = os.path.splitext(file)[1].lower()
+    if ext not in DATA_EXTENSIONS:
+        expected = ", ".join(DATA_EXTENSIONS)
+        raise DataError(f"{file}: unsupported file type {ext or '(none)'!r}; expected one of {expected}")
+    records = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}[ext](file)
+    if not records:
+        raise DataError(f"{file}: the dataset is empty (no records)")
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    return records
+
+
+def _split_of(file_name: str) -> str:
+    word = _FIRST_WORD.match(file_name.lower())
+    return _SPLIT_NAMES.get(word.group(1), "train") if word else "train"
+
+
+def _read_hub(name: str) -> dict[str, list[Record]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name)
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"data.path {name!r}: no such local file or directory, and it could not be loaded from the Hugging Face "
+            f"hub ({err}); give a local .json/.jsonl/.parquet file or directory, or a reachable hub dataset"
+        ) from None
+    return {
+        split: [(f"{name}[{split}] row {i}", row) for i, row in enumerate(rows, 1)]
+        for split, rows in loaded.items()
+    }
+
+
+def load_splits(path: str) -> dict[str, list[Record]]:
+    """The records of a data source by split (``train``, ``validation``, ``test``); a single file is ``train``."""
+    if os.path.isfile(path):
+        return {"train": read_file(path)}
+    if os.path.isdir(path):
+        splits: dict[str, list[Record]] = {}
+        for name in sorted(os.listdir(path)):
+            file = os.path.join(path, name)
+            if os.path.isfile(file) and name.lower().endswith(DATA_EXTENSIONS):
+                splits.setdefault(_split_of(name), []).extend(read_file(file))
+        if not splits:
+            raise DataError(f"{path}: the directory holds no {'/'.join(DATA_EXTENSIONS)} files")
+        return splits
+    if path.lower().endswith(DATA_EXTENSIONS) or path.startswith((".", "/", "~")):
+        raise DataError(f"{path}: no such file or directory")
+    return _read_hub(path)
+
+
+# ---------------------------------------------------------------------------------------------------- records
+def detect_format(record: Mapping[str, Any], where: str) -> str:
+    """The format whose required fields the record has (``FORMAT_FIELDS`` order)."""
+    for fmt, fields in FORMAT_FIELDS.items():
+        if all(f in record for f in fields):
+            return fmt
+    expected = "; ".join(f"{fmt}: {', '.join(fields)}" for fmt, fields in FORMAT_FIELDS.items())
+    raise DataError(
+        f"{where}: cannot detect the data format from the fields {sorted(record)}; expected the fields of one of "
+        f"({expected}), or set data.format"
+    )
+
+
+def _text(record: Mapping[str, Any], field: str, where: str, fmt: str, optional: bool = False) -> str:
+    if field not in record or (optional and record[field] is None):
+        if optional:
+            return ""
+        raise DataError(f"{where}: the record has no {field!r} field (format {fmt})")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(record: Mapping[str, Any], where: str, system_prompt: Optional[str]) -> Messages:
+    if "messages" not in record:
+        raise DataError(f"{where}: the record has no 'messages' field (format messages)")
+    turns = record["messages"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    messages: Messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise DataError(
+                f"{where}: messages[{i}] must be an object with a role in {ROLES} and a string content, got {turn!r}"
+            )
+        messages.append({"role": turn["role"], "content": turn["content"]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: 'messages' has no assistant turn, so nothing to train on")
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def normalise(
+    record: Mapping[str, Any], fmt: str, where: str, system_prompt: Optional[str] = None, strip_calculator: bool = True
+) -> tuple[Messages, str]:
+    """A record of format ``fmt`` as chat messages and its gold answer (see ``SFTDataModule.eval_problems``)."""
+    if fmt == "messages":
+        messages = _messages(record, where, system_prompt)
+        return messages, next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+    if fmt == "prompt_completion":
+        prompt, completion = _text(record, "prompt", where, fmt), _text(record, "completion", where, fmt)
+        return to_messages(prompt, completion, system_prompt), completion
+    if fmt == "alpaca":
+        instruction, output = _text(record, "instruction", where, fmt), _text(record, "output", where, fmt)
+        extra = _text(record, "input", where, fmt, optional=True)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return to_messages(prompt, output, system_prompt), output
+    if fmt == "gsm8k":
+        question, answer = _text(record, "question", where, fmt), _text(record, "answer", where, fmt)
+        if strip_calculator:
+            answer = _CALCULATOR.sub("", answer)
+        return to_messages(question, answer, system_prompt), extract_final_answer(answer) or answer.strip()
+    raise ConfigError(f"data.format must be one of auto, {', '.join(FORMAT_FIELDS)}; got {fmt!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+class SFTCollator:
+    """Pads samples (``input_ids``, ``labels`` lists and an ``index``) on the right to the longest one.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` as ``LongTensor[B, T]`` (padding: ``pad_token_id``, 0
+    and -100) and ``index`` as ``LongTensor[B]``.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[i, :n] = torch.tensor(s["input_ids"], dtype=torch.long)
+            attention_mask[i, :n] = 1
+            labels[i, :n] = torch.tensor(s["labels"], dtype=torch.long)
+        index = torch.tensor([s["index"] for s in samples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
+
+
+class SFTDataModule(pl.LightningDataModule):
+    """SFT data: records from files, a hub dataset or the built-in synthetic task, tokenised with their labels.
+
+    Args:
+        path: a ``.json``/``.jsonl``/``.parquet`` file, a directory of them, or a hub dataset name; ``null`` uses
+            the built-in synthetic arithmetic task (``synthetic``).
+        format: record format; ``auto`` detects it from the first record's fields.
+        val_path: validation records (file, directory or hub name); default: the source's validation (else test)
+            split, else ``val_size`` held out of the training records.
+        val_size: share of the training records held out for validation when there is no validation source.
+        tokenizer: tokenizer source (``byte``, ``byte-chat``, a directory or hub name); default: the model's
+            (``model.tokenizer``). A tokenizer object may also be given in Python.
+        max_length: samples are truncated to this many tokens; those left with no response token are dropped.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size; default: ``batch_size``.
+        num_workers: DataLoader worker processes.
+        seed: seed of the training shuffle and of the validation hold-out.
+        max_samples: use only the first this many records of each split (quick runs).
+        system_prompt: a system message put first in every sample that has none.
+        synthetic: the built-in task's settings (used when ``path`` is ``null``).
+        strip_calculator_annotations: remove GSM8K calculator annotations (``<<48/2=24>>``) from the answers.
+    """
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        format: Format = "auto",
+        val_path: Optional[str] = None,
+        val_size: float = 0.05,
+        tokenizer: Optional[str] = None,
+        max_length: int = 2048,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        max_samples: Optional[int] = None,
+        system_prompt: Optional[str] = None,
+        synthetic: SyntheticTask = SyntheticTask(),
+        strip_calculator_annotations: bool = True,
+    ) -> None:
+        super().__init__()
+        if format not in ("auto", *FORMAT_FIELDS):
+            raise ConfigError(f"data.format must be one of auto, {', '.join(FORMAT_FIELDS)}; got {format!r}")
+        if not 0.0 <= val_size < 1.0:
+            raise ConfigError(f"data.val_size must be in [0, 1), got {val_size!r}")
+        if max_length < 2:
+            raise ConfigError(f"data.max_length must be at least 2, got {max_length!r}")
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "max_samples": max_samples}
+        for name, value in sizes.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name} must be a positive integer, got {value!r}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be ≥ 0, got {num_workers!r}")
+        if path is None and val_path is not None:
+            raise ConfigError("data.val_path needs data.path (the synthetic task has its own validation split)")
+        self.path = path
+        self.format = format
+        self.val_path = val_path
+        self.val_size = val_size
+        self.tokenizer_source = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.max_samples = max_samples
+        self.system_prompt = system_prompt
+        self.synthetic = SyntheticTask(**synthetic) if isinstance(synthetic, dict) else synthetic
+        self.strip_calculator_annotations = strip_calculator_annotations
+        self.tokenizer: Any = None
+        self.train_samples: list[dict[str, Any]] = []
+        self.val_samples: list[dict[str, Any]] = []
+        self.train_dataset: Any = None
+        self.val_dataset: Any = None
+        self.dropped: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ tokenizer
+    def _resolve_tokenizer(self) -> Any:
+        source = self.tokenizer_source
+        if source is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            tokenizer = getattr(module, "tokenizer", None)
+            if tokenizer is None:
+                raise ConfigError(
+                    "data.tokenizer is not set and there is no model with a `tokenizer` attribute to take it from"
+                )
+        elif isinstance(source, str):
+            from sstoken_pl.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(source)
+        else:
+            tokenizer = source
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ConfigError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+        return tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id right padding uses: the tokenizer's pad token, else its EOS token."""
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    # ------------------------------------------------------------------ records
+    def _samples(self, records: list[Record], role: str) -> list[dict[str, Any]]:
+        """Normalised samples ``{messages, answer, index, where}``; ``index`` is the position in ``records``."""
+        records = records[: self.max_samples] if self.max_samples else records
+        if not records:
+            raise DataError(f"the {role} data is empty (no records)")
+        fmt = self.format if self.format != "auto" else detect_format(records[0][1], records[0][0])
+        samples = []
+        for index, (where, record) in enumerate(records):
+            messages, answer = normalise(record, fmt, where, self.system_prompt, self.strip_calculator_annotations)
+            samples.append({"messages": messages, "answer": answer, "index": index, "where": where})
+        return samples
+
+    def _load_samples(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Training and validation samples."""
+        if self.path is None:
+            def synthetic(split: str) -> list[dict[str, Any]]:
+                return [
+                    {
+                        "messages": to_messages(r["prompt"], r["completion"], self.system_prompt),
+                        "answer": r["answer"],
+                        "index": i,
+                        "where": f"synthetic {split} problem {i + 1}",
+                    }
+                    for i, r in enumerate(self.synthetic.records(split))
+                ][: self.max_samples]
+
+            return synthetic("train"), synthetic("val")
+        splits = load_splits(self.path)
+        if "train" not in splits:
+            raise DataError(f"{self.path}: no training data (only the splits {sorted(splits)})")
+        train = self._samples(splits["train"], f"training ({self.path})")
+        if self.val_path is not None:
+            val_splits = load_splits(self.val_path)
+            records = next(val_splits[s] for s in ("validation", "test", "train") if s in val_splits)
+            return train, self._samples(records, f"validation ({self.val_path})")
+        for split in ("validation", "test"):
+            if split in splits:
+                return train, self._samples(splits[split], f"{split} ({self.path})")
+        n_val = round(self.val_size * len(train))
+        if self.val_size > 0 and not 1 <= n_val < len(train):
+            raise DataError(
+                f"{self.path}: {len(train)} records are too few to hold out data.val_size={self.val_size} "
+                "for validation; add records, change val_size, or give data.val_path"
+            )
+        held_out = set(random.Random(self.seed).sample(range(len(train)), n_val))
+        return [s for s in train if s["index"] not in held_out], [s for s in train if s["index"] in held_out]
+
+    # ------------------------------------------------------------------ tokenising
+    def _tokenise(self, samples: list[dict[str, Any]], split: str) -> Any:
+        """A ``datasets.Dataset`` of ``input_ids``, ``labels``, ``index``, without the samples left with no
+        response token after truncation (their number is warned about once, and kept in ``self.dropped``).
+        """
+        import datasets
+
+        def encode(sample: dict[str, Any]) -> dict[str, Any]:
+            try:
+                ids, labels = encode_messages(sample["messages"], self.tokenizer, self.max_length)
+            except DataError as err:
+                raise DataError(f"{sample['where']}: {err}") from None
+            return {"input_ids": ids, "labels": labels, "n_response": sum(l != IGNORE_INDEX for l in labels[1:])}
+
+        dataset = datasets.Dataset.from_list(samples).map(
+            encode,
+            remove_columns=["messages", "answer", "where"],
+            keep_in_memory=True,
+            new_fingerprint=f"sstoken-{split}",  # no hashing of the tokenizer; nothing is cached
+            desc=f"Tokenising {split} data",
+        )
+        kept = [i for i, n in enumerate(dataset["n_response"]) if n > 0]
+        self.dropped[split] = len(dataset) - len(kept)
+        if not kept:
+            raise DataError(
+                f"all {len(dataset)} {split} samples have no response token left after truncation to "
+                f"data.max_length={self.max_length}; raise max_length"
+            )
+        if self.dropped[split]:
+            rank_zero_warn(
+                f"data: dropped {self.dropped[split]} of {len(dataset)} {split} samples with no response token left "
+                f"after truncation to data.max_length={self.max_length}"
+            )
+        return dataset.select(kept, keep_in_memory=True).remove_columns("n_response")
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Resolves the tokenizer, reads and tokenises the data (once)."""
+        if self.train_dataset is not None:
+            return
+        self.tokenizer = self._resolve_tokenizer()
+        self.train_samples, self.val_samples = self._load_samples()
+        self.train_dataset = self._tokenise(self.train_samples, "train")
+        self.val_dataset = self._tokenise(self.val_samples, "validation") if self.val_samples else None
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=SFTCollator(self.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=SFTCollator(self.pad_token_id),
+            num_workers=self.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.val_dataloader()
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_problems(self, limit: Optional[int] = None) -> list[dict[str, Any]]:
+        """Held-out problems for generation-based accuracy, in validation order: ``{"prompt_ids", "answer"}``.
+
+        ``prompt_ids`` prompts the model for the last assistant turn; ``answer`` is the gold final answer (the
+        synthetic task's number, the text after GSM8K's ``####`` without commas, else the whole reference
+        response).
+        """
+        self.setup()
+        problems = []
+        for sample in self.val_samples[:limit]:
+            messages = sample["messages"]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            problems.append({"prompt_ids": prompt_ids(messages[:last], self.tokenizer), "answer": sample["answer"]})
+        return problems

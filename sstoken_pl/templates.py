@@ -1,0 +1,199 @@
+"""Chat messages to token ids and labels: the tokenizer's chat template, or a plain instruction template.
+
+A sample is a list of chat messages ``[{"role": "system" | "user" | "assistant", "content": str}, ...]``; only
+the assistant turns are trained on. Labels follow the Hugging Face convention: ``labels[i] = input_ids[i]`` on
+trained tokens, ``-100`` elsewhere.
+
+**Chat template** (``tokenizer.chat_template`` is set): the messages are rendered with
+``tokenizer.apply_chat_template``. An assistant turn's trained span runs from the end of the rendering of the
+messages before it with ``add_generation_prompt=True`` to the end of the rendering through it: its content and the
+end-of-turn token the template emits (``<|im_end|>``; whitespace after that token is not trained). When a template
+does not render prefixes as prefixes of the whole conversation (some rewrite earlier turns), the turn's content is
+looked up in the full rendering instead, followed by the EOS token when the template puts it there.
+
+**Plain template** (no chat template)::
+
+    [BOS]{system}\\n\\n                     (only with a system message)
+    ### Instruction:\\n{user}\\n\\n          (each user turn)
+    ### Response:\\n{assistant}{EOS}        (each assistant turn; {assistant}{EOS} is trained)
+
+so a single-turn sample is ``"### Instruction:\\n{prompt}\\n\\n### Response:\\n" + completion + EOS``.
+
+The rendered text is tokenised as a whole when every span boundary falls on a token boundary of the whole, and
+piece by piece (each span separately) otherwise. A BOS token is put first when the tokenizer adds one to plain
+text and the rendering does not already start with it (no double BOS).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from sstoken_pl.errors import DataError
+from sstoken_pl.loss import IGNORE_INDEX
+
+PLAIN_SYSTEM = "{content}\n\n"
+PLAIN_INSTRUCTION = "### Instruction:\n{content}\n\n"
+PLAIN_RESPONSE = "### Response:\n"
+# The prompt of a single-turn sample under the plain template; the completion and EOS follow it.
+PLAIN_TEMPLATE = PLAIN_INSTRUCTION.format(content="{prompt}") + PLAIN_RESPONSE
+
+ROLES = ("system", "user", "assistant")
+
+Messages = list[dict[str, str]]
+# Rendered text split into consecutive pieces, each trained on or not.
+_Pieces = list[tuple[str, bool]]
+
+
+def to_messages(prompt: str, completion: Optional[str] = None, system: Optional[str] = None) -> Messages:
+    """The chat messages of a prompt/completion pair: ``[system,] user[, assistant]``."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    if completion is not None:
+        messages.append({"role": "assistant", "content": completion})
+    return messages
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer renders chats with its own template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _needs_bos(tokenizer: Any, ids: list[int]) -> bool:
+    """Whether the tokenizer adds a BOS token to plain text and ``ids`` does not start with it."""
+    bos = tokenizer.bos_token_id
+    if bos is None or ids[:1] == [bos]:
+        return False
+    return list(tokenizer("a", add_special_tokens=True)["input_ids"][:1]) == [bos]
+
+
+def _render(tokenizer: Any, messages: Messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _end_of_turn(tokenizer: Any, text: str, start: int, end: int) -> int:
+    """``end`` moved back over whitespace that follows a special token closing the span ``text[start:end]``."""
+    stripped = text[start:end].rstrip()
+    if len(stripped) < end - start and any(stripped.endswith(t) for t in tokenizer.all_special_tokens):
+        return start + len(stripped)
+    return end
+
+
+def _chat_pieces(messages: Messages, tokenizer: Any) -> _Pieces:
+    full = _render(tokenizer, messages, generation_prompt=False)
+    pieces: _Pieces = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], generation_prompt=True) if i else None
+        through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if (
+            before is not None
+            and cursor <= len(before) < len(through)
+            and through.startswith(before)
+            and full.startswith(through)
+        ):
+            start, end = len(before), _end_of_turn(tokenizer, through, len(before), len(through))
+        else:
+            content = message["content"]
+            start = full.find(content, cursor)
+            if start < 0:
+                content = content.strip()
+                start = full.find(content, cursor)
+            if start < 0:
+                raise DataError(
+                    f"the chat template does not render assistant turn {i} verbatim; cannot find which tokens to train"
+                )
+            end = start + len(content)
+            eos = tokenizer.eos_token
+            if eos and full.startswith(eos, end):
+                end += len(eos)
+        pieces += [(full[cursor:start], False), (full[start:end], True)]
+        cursor = end
+    pieces.append((full[cursor:], False))
+    return pieces
+
+
+def _plain_pieces(messages: Messages, tokenizer: Any) -> _Pieces:
+    pieces: _Pieces = []
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            pieces.append((PLAIN_SYSTEM.format(content=content), False))
+        elif role == "user":
+            pieces.append((PLAIN_INSTRUCTION.format(content=content), False))
+        else:
+            pieces += [(PLAIN_RESPONSE, False), (content + (tokenizer.eos_token or ""), True)]
+    return pieces
+
+
+def _tokenize_pieces(pieces: _Pieces, tokenizer: Any) -> tuple[list[int], list[bool]]:
+    """Token ids of the pieces joined, and whether each token is trained on.
+
+    Consecutive pieces alike are merged first, so that only the starts and ends of trained spans are boundaries.
+    The joined text is tokenised at once when every boundary is a token boundary of the whole (the prefix's
+    tokenisation is a prefix of the whole's); otherwise each piece is tokenised on its own.
+    """
+    merged: _Pieces = []
+    for text, is_trained in pieces:
+        if merged and merged[-1][1] == is_trained:
+            merged[-1] = (merged[-1][0] + text, is_trained)
+        elif text:
+            merged.append((text, is_trained))
+    pieces = merged
+    full = _tokenize(tokenizer, "".join(text for text, _ in pieces))
+    trained: list[bool] = []
+    prefix = ""
+    for text, is_trained in pieces:
+        prefix += text
+        upto = _tokenize(tokenizer, prefix)
+        if full[: len(upto)] != upto or len(upto) < len(trained):
+            break
+        trained += [is_trained] * (len(upto) - len(trained))
+    else:
+        if len(trained) == len(full):
+            return full, trained
+    ids: list[int] = []
+    trained = []
+    for text, is_trained in pieces:
+        piece = _tokenize(tokenizer, text)
+        ids += piece
+        trained += [is_trained] * len(piece)
+    return ids, trained
+
+
+def encode_messages(
+    messages: Messages, tokenizer: Any, max_length: Optional[int] = None
+) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of a conversation, truncated from the right to ``max_length`` tokens.
+
+    ``labels`` copies ``input_ids`` on the assistant turns' tokens and is ``-100`` elsewhere.
+    """
+    if has_chat_template(tokenizer):
+        pieces = _chat_pieces(messages, tokenizer)
+    else:
+        pieces = _plain_pieces(messages, tokenizer)
+    ids, trained = _tokenize_pieces(pieces, tokenizer)
+    if _needs_bos(tokenizer, ids):
+        ids, trained = [tokenizer.bos_token_id] + ids, [False] + trained
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return ids, labels
+
+
+def prompt_ids(messages: Messages, tokenizer: Any) -> list[int]:
+    """Token ids that prompt the model for the next assistant turn after ``messages`` (for generation).
+
+    Chat template: the rendering with ``add_generation_prompt=True``; plain template: up to ``### Response:\\n``.
+    """
+    if has_chat_template(tokenizer):
+        text = _render(tokenizer, messages, generation_prompt=True)
+    else:
+        text = "".join(text for text, _ in _plain_pieces(messages, tokenizer)) + PLAIN_RESPONSE
+    ids = _tokenize(tokenizer, text)
+    return [tokenizer.bos_token_id] + ids if _needs_bos(tokenizer, ids) else ids
