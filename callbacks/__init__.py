@@ -5,20 +5,8 @@
 - ``TokenSelection``: combines them (``sstoken_pl.selection``) into the token mask ``sstoken_pl.token_loss`` applies.
 """
 
+from sstoken_pl.callbacks.attention import AttentionScore
+from sstoken_pl.callbacks.history import HistoryModel
+from sstoken_pl.callbacks.selection import TokenSelection
+
 __all__ = ["AttentionScore", "HistoryModel", "TokenSelection"]
-
-
-def __getattr__(name: str):
-    if name == "AttentionScore":
-        from sstoken_pl.callbacks.attention import AttentionScore
-
-        return AttentionScore
-    if name == "HistoryModel":
-        from sstoken_pl.callbacks.history import HistoryModel
-
-        return HistoryModel
-    if name == "TokenSelection":
-        from sstoken_pl.callbacks.selection import TokenSelection
-
-        return TokenSelection
-    raise AttributeError(f"module 'sstoken_pl.callbacks' has no attribute {name!r}")
