@@ -36,6 +36,24 @@ def main(args: list[str] | None = None) -> None:
             args=args,
             save_config_kwargs={"overwrite": True},
         )
-    except SSTokenError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - only user-input errors are turned into one line
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_error(err: BaseException) -> SSTokenError | None:
+    """The ``SSTokenError`` behind ``err``, also when jsonargparse wrapped one raised while instantiating a class."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, SSTokenError):
+            return e
+        stack += [e.__cause__, e.__context__]
+    return None

@@ -1,0 +1,84 @@
+"""The CLI as a user runs it: ``python -m sstoken_pl fit --config configs/tiny.yaml ...`` in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args, cwd=ROOT, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "sstoken_pl", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_tiny_sstoken_end_to_end(tmp_path):
+    out = cli(
+        "fit", "--config", "configs/tiny.yaml", "--config", "configs/methods/sstoken.yaml",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+        "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "lightning_logs" / "version_0"
+    checkpoints = list((run / "checkpoints").glob("*.ckpt"))
+    assert checkpoints, "checkpoints are saved under trainer.default_root_dir"
+    assert (run / "hf_model" / "config.json").is_file(), "the model is exported at the end of fit"
+    assert (run / "config.yaml").is_file()
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    header = metrics[0].split(",")
+    for name in ("train/loss", "selection/kept_fraction", "selection/rel_mean", "selection/attn_mean", "val/ppl"):
+        assert name in header, name
+    col = header.index("selection/kept_fraction")
+    kept = [float(row.split(",")[col]) for row in metrics[1:] if row.split(",")[col]]
+    assert kept and all(0.55 < k < 0.75 for k in kept)
+    ckpt = torch.load(checkpoints[0], map_location="cpu", weights_only=False)
+    assert any("HistoryModel" in key for key in ckpt["callbacks"]), "the history state is checkpointed"
+
+
+def test_resume_from_checkpoint(tmp_path):
+    common = ["--config", "configs/tiny.yaml", "--config", "configs/methods/sstoken_ema.yaml",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.limit_val_batches=0", "--model.export=false"]
+    first = cli("fit", *common, "--trainer.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
+    second = cli("fit", *common, "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    state = torch.load(next((tmp_path / "lightning_logs" / "version_1" / "checkpoints").glob("*.ckpt")), weights_only=False)
+    history = next(v for k, v in state["callbacks"].items() if "HistoryModel" in k)
+    assert state["global_step"] == 4 and history["last_step"] == 4
+
+
+def test_print_config_composes_method_callbacks():
+    out = cli("fit", "--config", "configs/tiny.yaml", "--config", "configs/methods/sstoken.yaml", "--print_config")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("HistoryModel", "AttentionScore", "TokenSelection", "model_config"):
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data.path", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+        (["--model.lr", "-1"], "lr"),
+        (["--config", "configs/methods/sstoken.yaml", "--trainer.callbacks.ratio", "1.5"], "ratio"),
+    ],
+)
+def test_bad_input_is_one_clear_error(args, expected):
+    out = cli("fit", "--config", "configs/tiny.yaml", *args, "--trainer.max_steps=1")
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert expected in out.stderr
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{not json\n")
+    out = cli("fit", "--config", "configs/tiny.yaml", f"--data.path={data}", "--trainer.max_steps=1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{data} line 2" in out.stderr
