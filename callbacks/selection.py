@@ -56,6 +56,7 @@ class TokenSelection(Callback):
         self._history = None
         self._attention = None
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # ids, response, kept
+        self._log_dir: str | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from sstoken_pl.callbacks.attention import AttentionScore
@@ -64,6 +65,7 @@ class TokenSelection(Callback):
         def find(kind: type) -> Any:
             return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)
 
+        self._log_dir = trainer.log_dir  # on every rank: under DDP, log_dir is a collective call
         self._history = find(HistoryModel) if self.gamma > 0 else None
         self._attention = find(AttentionScore) if self.gamma < 1 else None
         if self.gamma > 0 and self._history is None:
@@ -129,9 +131,9 @@ class TokenSelection(Callback):
         logger = trainer.logger
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text("selection/samples", body.replace("\n", "  \n"), trainer.global_step)
-        elif trainer.log_dir is not None:
-            os.makedirs(trainer.log_dir, exist_ok=True)
-            with open(os.path.join(trainer.log_dir, "selection_samples.txt"), "a", encoding="utf-8") as f:
+        elif self._log_dir is not None:
+            os.makedirs(self._log_dir, exist_ok=True)
+            with open(os.path.join(self._log_dir, "selection_samples.txt"), "a", encoding="utf-8") as f:
                 f.write(body + "\n\n")
 
     def state_dict(self) -> dict[str, Any]:

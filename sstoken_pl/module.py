@@ -184,9 +184,13 @@ class SFTModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
-        if self.hparams.export and self.trainer.is_global_zero:
-            path = export_hf(self, os.path.join(run_dir(self.trainer), "hf_model"))
+        if not self.hparams.export:
+            return
+        path = os.path.join(run_dir(self.trainer), "hf_model")  # on every rank: log_dir is a collective call
+        if self.trainer.is_global_zero:
+            export_hf(self, path)
             rank_zero_info(f"Exported the fine-tuned model to {path}")
+        self.trainer.strategy.barrier("sstoken_pl.export")
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

@@ -82,3 +82,13 @@ def test_malformed_data_file_names_file_and_line(tmp_path):
     out = cli("fit", "--config", "configs/tiny.yaml", f"--data.path={data}", "--trainer.max_steps=1")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{data} line 2" in out.stderr
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    out = cli(
+        "fit", "--config", "configs/tiny.yaml", "--config", "configs/methods/sstoken_ema.yaml",
+        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "config.json").is_file()

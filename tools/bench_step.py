@@ -48,6 +48,7 @@ def run_once(config: str, method: str, steps: int, warmup: int) -> list[float]:
 
     args = [
         "--config", config,
+        "--trainer.callbacks=[]",  # the method config alone decides the selection callbacks
         "--config", os.path.join(ROOT, "configs", "methods", f"{method}.yaml"),
         f"--trainer.max_steps={steps + warmup}",
         "--trainer.logger=false",
@@ -57,7 +58,7 @@ def run_once(config: str, method: str, steps: int, warmup: int) -> list[float]:
         "--model.export=false",
         "--eval.num_problems=0",
     ]
-    cli = SSTokenCLI(SFTModule, SFTDataModule, args=args, run=False)
+    cli = SSTokenCLI(SFTModule, SFTDataModule, args=args, run=False, save_config_callback=None)
     timer = StepTimer(warmup)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
