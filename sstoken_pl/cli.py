@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -24,8 +25,17 @@ class SSTokenCLI(LightningCLI):
         parser.set_defaults({"eval.num_problems": 0})
 
 
+# Deprecation chatter from the libraries' own internals, which a user cannot act on.
+_QUIET = [
+    (FutureWarning, r".*is_gradient_checkpointing.*"),
+    (Warning, r".*isinstance\(treespec, LeafSpec\).*"),
+]
+
+
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for category, message in _QUIET:
+        warnings.filterwarnings("ignore", message=message, category=category)
     from sstoken_pl.data import SFTDataModule
     from sstoken_pl.module import SFTModule
 

@@ -124,3 +124,31 @@ def test_missing_gguf_file_is_a_clear_error():
 def test_uninstalled_package_source_is_a_clear_error():
     with pytest.raises(ConfigError, match="not installed"):
         SFTModule(model_name_or_path="pkg:no_such_package_xyz")
+
+
+def test_gradient_checkpointing_with_sstoken(tmp_path):
+    from sstoken_pl.callbacks import AttentionScore, HistoryModel, TokenSelection
+
+    module = tiny_module(gradient_checkpointing=True, lora=LoRA(r=4, alpha=8, dropout=0.0), export=False)
+    selection = TokenSelection(ratio=0.5, gamma=0.5)
+    t = trainer(max_steps=2, default_root_dir=tmp_path, callbacks=[HistoryModel(), AttentionScore(), selection])
+    t.fit(module, datamodule=tiny_data())
+    base = module.model.get_base_model()
+    flag = getattr(base, "is_activation_checkpointing", None)
+    assert (base.is_gradient_checkpointing if flag is None else flag) is True
+    assert 0.45 < float(t.callback_metrics["selection/kept_fraction"]) < 0.6
+
+
+def test_load_from_checkpoint_restores_the_model(tmp_path):
+    import lightning.pytorch as pl
+
+    module = tiny_module(lora=LoRA(r=4, alpha=8, dropout=0.0), export=False)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_steps=2, default_root_dir=tmp_path, enable_checkpointing=True, callbacks=[ckpt]).fit(
+        module, datamodule=tiny_data()
+    )
+    restored = SFTModule.load_from_checkpoint(tmp_path / "last.ckpt").eval()
+    ids = torch.randint(5, 261, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(ids), module.eval()(ids))
+    assert restored.lora == module.lora
