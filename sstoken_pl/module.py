@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -89,7 +89,9 @@ class SFTModule(pl.LightningModule):
         torch_dtype(dtype)  # validates
         if isinstance(lora, dict):
             lora = LoRA(**lora)
-        self.save_hyperparameters()
+        # Plain types only in hparams, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = None if lora is None else asdict(lora)
         self.lora = lora
         self.tokenizer = load_tokenizer(
             tokenizer if tokenizer is not None else model_name_or_path,
