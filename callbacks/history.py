@@ -45,7 +45,8 @@ class HistoryModel(Callback):
         snapshot_every: optimizer steps between snapshot refreshes (≥ 1).
         model_attr: the attribute of the LightningModule that holds the Hugging Face model.
 
-    Its state (weights, step counter) goes into Lightning checkpoints, so a resumed run continues exactly.
+    Its state (weights, step counter) goes into Lightning checkpoints, so a resumed run continues exactly. The EMA
+    is kept in float32 whatever the parameters' dtype (a bf16 average would round small updates away).
     """
 
     def __init__(
@@ -71,14 +72,21 @@ class HistoryModel(Callback):
         self._cache: tuple[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ setup
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_start, not on_fit_start: it runs after the checkpoint is restored for every strategy (FSDP and
+        # DeepSpeed restore after on_fit_start).
         model = hf_model(pl_module, self.model_attr)
         if self._pending is not None:
             self._restore(model, self._pending)
             self._pending = None
         elif self._weights is None and self._needs_weights(model):
-            self._weights = {n: p.detach().clone() for n, p in self._trainable(model)}
+            self._weights = {n: self._master(p) for n, p in self._trainable(model)}
             self._last_step = trainer.global_step
+
+    def _master(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The stored copy of a weight: float32 for the EMA, the parameter's own dtype otherwise."""
+        tensor = tensor.detach()
+        return tensor.float().clone() if self.mode == "ema" and tensor.is_floating_point() else tensor.clone()
 
     def _needs_weights(self, model: torch.nn.Module) -> bool:
         return not (self.mode == "base" and is_peft_model(model))
@@ -99,7 +107,14 @@ class HistoryModel(Callback):
         names = list(self._weights)
         with torch.no_grad():
             if self.mode == "ema":
-                get_ema_multi_avg_fn(self.ema_decay)([self._weights[n] for n in names], [current[n].detach() for n in names], None)
+                # float32 history of low-precision weights: one tensor at a time (no full-model float copy)
+                same = [n for n in names if current[n].dtype == self._weights[n].dtype]
+                if same:
+                    get_ema_multi_avg_fn(self.ema_decay)(
+                        [self._weights[n] for n in same], [current[n].detach() for n in same], None
+                    )
+                for n in set(names).difference(same):
+                    self._weights[n].lerp_(current[n].detach().float(), 1.0 - self.ema_decay)
             elif self.mode == "snapshot" and trainer.global_step % self.snapshot_every == 0:
                 for n in names:
                     self._weights[n].copy_(current[n].detach())
@@ -112,11 +127,12 @@ class HistoryModel(Callback):
         ``torch.func.functional_call`` (empty for LoRA base: adapters are disabled instead)."""
         if self._weights is None:
             if not (self.mode == "base" and is_peft_model(model)):
-                raise RuntimeError("HistoryModel has no history weights yet: it is set up at fit start")
+                raise RuntimeError("HistoryModel has no history weights yet: it is set up at train start")
             with model.disable_adapter():
                 yield {}
         else:
-            yield self._weights
+            params = dict(model.named_parameters())
+            yield {n: w if w.dtype == params[n].dtype else w.to(params[n].dtype) for n, w in self._weights.items()}
 
     @torch.no_grad()
     def history_nll(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -174,7 +190,7 @@ class HistoryModel(Callback):
                 f"HistoryModel: the checkpoint's history weights do not match the model's trainable parameters "
                 f"(e.g. {missing[:3]})"
             )
-        self._weights = {n: weights[n].to(device=p.device, dtype=p.dtype).clone() for n, p in current.items()}
+        self._weights = {n: self._master(weights[n].to(device=p.device)) for n, p in current.items()}
 
     @property
     def num_history_parameters(self) -> int:

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.selection import check_gamma, check_ratio, global_top_ratio_mask, sstoken_scores, top_ratio_mask
@@ -49,6 +50,8 @@ class TokenSelection(Callback):
             raise ConfigError(f"TokenSelection.granularity must be 'sample' or 'batch', got {granularity!r}")
         if int(log_samples_every) != log_samples_every or log_samples_every < 0:
             raise ConfigError(f"TokenSelection.log_samples_every must be ≥ 0, got {log_samples_every!r}")
+        if int(num_log_samples) != num_log_samples or num_log_samples < 1:
+            raise ConfigError(f"TokenSelection.num_log_samples must be ≥ 1, got {num_log_samples!r}")
         self.warmup_steps = int(warmup_steps)
         self.granularity = granularity
         self.log_samples_every = int(log_samples_every)
@@ -57,6 +60,7 @@ class TokenSelection(Callback):
         self._attention = None
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # ids, response, kept
         self._log_dir: str | None = None
+        self._logged_step = -1  # under gradient accumulation, log each optimizer step's samples once
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from sstoken_pl.callbacks.attention import AttentionScore
@@ -73,6 +77,12 @@ class TokenSelection(Callback):
                 f"TokenSelection(gamma={self.gamma}) needs a HistoryModel callback for REL: add "
                 f"sstoken_pl.callbacks.HistoryModel to trainer.callbacks, or set gamma=0 (attention only)"
             )
+        for unused, why in ((find(HistoryModel), self.gamma == 0), (find(AttentionScore), self.gamma == 1)):
+            if unused is not None and why:
+                rank_zero_warn(
+                    f"TokenSelection(gamma={self.gamma}) does not use {type(unused).__name__}; remove it from "
+                    f"trainer.callbacks to save its cost"
+                )
         if self.gamma < 1 and self._attention is None:
             raise ConfigError(
                 f"TokenSelection(gamma={self.gamma}) needs an AttentionScore callback for the attention score: add "
@@ -119,8 +129,10 @@ class TokenSelection(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         last, self._last = self._last, None
-        if last is None or trainer.global_step % self.log_samples_every != 0 or not trainer.is_global_zero:
+        step = trainer.global_step
+        if last is None or step % self.log_samples_every or step == self._logged_step or not trainer.is_global_zero:
             return
+        self._logged_step = step
         tokenizer = getattr(pl_module, "tokenizer", None) or getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None:
             return
@@ -138,6 +150,11 @@ class TokenSelection(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "gamma": self.gamma, "warmup_steps": self.warmup_steps, "granularity": self.granularity}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        changed = {k: (v, getattr(self, k)) for k, v in state_dict.items() if getattr(self, k, v) != v}
+        if changed:
+            rank_zero_warn(f"TokenSelection: resuming with other settings than the checkpoint's (was, now): {changed}")
 
 
 def render_selection(tokenizer: Any, input_ids: torch.Tensor, response: torch.Tensor, kept: torch.Tensor) -> str:

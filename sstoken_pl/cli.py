@@ -12,7 +12,7 @@ import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
-from sstoken_pl.errors import SSTokenError
+from sstoken_pl.errors import ConfigError, SSTokenError
 
 
 class SSTokenCLI(LightningCLI):
@@ -23,6 +23,19 @@ class SSTokenCLI(LightningCLI):
 
         parser.add_lightning_class_args(AnswerAccuracy, "eval")
         parser.set_defaults({"eval.num_problems": 0})
+
+    def instantiate_trainer(self, **kwargs):
+        from sstoken_pl.callbacks import AttentionScore, HistoryModel, TokenSelection
+
+        callbacks = self.config_init[self.subcommand]["trainer"].get("callbacks") or []
+        for kind in (HistoryModel, AttentionScore, TokenSelection):
+            if sum(isinstance(cb, kind) for cb in callbacks) > 1:
+                raise ConfigError(
+                    f"trainer.callbacks has more than one {kind.__name__}: a method config (configs/methods/) was "
+                    f"composed with a config that already has one (configs/quickstart.yaml includes ssToken's "
+                    f"callbacks; use --trainer.callbacks=[] before the method config to replace them)"
+                )
+        return super().instantiate_trainer(**kwargs)
 
 
 # Deprecation chatter from the libraries' own internals, which a user cannot act on.

@@ -25,6 +25,14 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _live_chunks(flags: torch.Tensor, chunk: int) -> list[list[bool]]:
+    """``flags [B, N]`` → per sample, whether each chunk of ``chunk`` positions has a True (one host sync)."""
+    B, N = flags.shape
+    n = -(-N // chunk)
+    padded = torch.nn.functional.pad(flags, (0, n * chunk - N))
+    return padded.view(B, n, chunk).any(dim=-1).tolist()
+
+
 class _ShiftedNLL(torch.autograd.Function):
     """Per-token NLL of shifted targets, chunked: never more than one float32 chunk of logits alive at once.
 
@@ -41,11 +49,11 @@ class _ShiftedNLL(torch.autograd.Function):
         targets = labels[:, 1:]
         valid = targets != IGNORE_INDEX
         safe = targets.clamp(min=0)
-        has_target = valid.any(dim=1).tolist()
+        live = _live_chunks(valid, chunk)
         for b in range(B):
-            if not has_target[b]:
-                continue
-            for s in range(0, T - 1, chunk):
+            for c, s in enumerate(range(0, T - 1, chunk)):
+                if not live[b][c]:
+                    continue
                 e = min(s + chunk, T - 1)
                 x = logits[b, s:e].float()
                 lse_c = torch.logsumexp(x, dim=-1)
@@ -65,11 +73,11 @@ class _ShiftedNLL(torch.autograd.Function):
         targets = labels[:, 1:]
         safe = targets.clamp(min=0)
         g = torch.where(targets != IGNORE_INDEX, grad_nll[:, 1:].float(), 0.0)
-        live = (g != 0).any(dim=1).tolist()
+        live = _live_chunks(g != 0, chunk)
         for b in range(B):
-            if not live[b]:
-                continue
-            for s in range(0, T - 1, chunk):
+            for c, s in enumerate(range(0, T - 1, chunk)):
+                if not live[b][c]:
+                    continue
                 e = min(s + chunk, T - 1)
                 g_c = g[b, s:e]
                 p = (logits[b, s:e].float() - lse[b, s + 1 : e + 1, None]).exp_()

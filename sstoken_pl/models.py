@@ -65,7 +65,9 @@ def load_causal_lm(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (source is None) == (config is None):
-        raise ConfigError("model: give exactly one of `model` (hub name, local directory, pkg:NAME) and `model_config`")
+        raise ConfigError(
+            "model: give exactly one of `model_name_or_path` (hub name, local directory, pkg:NAME) and `model_config`"
+        )
     torch_dt = torch_dtype(dtype)
     if config is not None:
         cfg = dict(config)
@@ -92,7 +94,7 @@ def load_causal_lm(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         hint = "" if os.path.exists(path) else " (not a local path; hub names need network access)"
-        raise ConfigError(f"model.model: could not load {source!r}{hint}: {err}") from None
+        raise ConfigError(f"model.model_name_or_path: could not load {source!r}{hint}: {err}") from None
     if gguf_file:
         _forget_gguf_quantization(model)
     return model

@@ -221,11 +221,20 @@ def run_dir(trainer: pl.Trainer) -> str:
 
 def export_hf(module: SFTModule, path: str) -> str:
     """Save ``module.model`` (LoRA merged into a copy; the training model is left as it is) and its tokenizer in
-    Hugging Face format, loadable with ``AutoModelForCausalLM.from_pretrained(path)``."""
+    Hugging Face format, loadable with ``AutoModelForCausalLM.from_pretrained(path)``.
+
+    The LoRA merge works on a CPU copy, so the accelerator never holds the model twice.
+    """
     model = module.model
-    if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
     os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
+    if hasattr(model, "merge_and_unload"):
+        device = next(model.parameters()).device
+        model.to("cpu")
+        try:
+            copy.deepcopy(model).merge_and_unload().save_pretrained(path)
+        finally:
+            model.to(device)
+    else:
+        model.save_pretrained(path)
     module.tokenizer.save_pretrained(path)
     return path

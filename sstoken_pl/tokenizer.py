@@ -60,7 +60,7 @@ def load_tokenizer(source: str | None, gguf_file: str | None = None):
     if source in (BYTE_TOKENIZER, BYTE_CHAT_TOKENIZER):
         tok = byte_tokenizer(chat=source == BYTE_CHAT_TOKENIZER)
     elif source is None:
-        raise ConfigError("no tokenizer given: set `model.tokenizer` (or `model.model`, whose tokenizer is used)")
+        raise ConfigError("no tokenizer given: set `model.tokenizer` (or `model.model_name_or_path`, whose tokenizer is used)")
     else:
         from sstoken_pl.models import resolve_source
 

@@ -67,6 +67,7 @@ def test_print_config_composes_method_callbacks():
         (["--data.path", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
         (["--model.lr", "-1"], "lr"),
         (["--config", "configs/methods/sstoken.yaml", "--trainer.callbacks.ratio", "1.5"], "ratio"),
+        (["--config", "configs/methods/sstoken.yaml", "--config", "configs/methods/sstoken_ema.yaml"], "more than one"),
     ],
 )
 def test_bad_input_is_one_clear_error(args, expected):

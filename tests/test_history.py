@@ -162,3 +162,23 @@ def test_missing_model_attribute_is_named(tiny_llama):
         trainer(max_steps=1, callbacks=[HistoryModel(model_attr="backbone")]).fit(
             module, train_dataloaders=loader(random_batches(1))
         )
+
+
+def test_ema_of_bf16_weights_is_kept_in_float32(tiny_llama):
+    model = tiny_llama.to(torch.bfloat16)
+    history = HistoryModel(mode="ema", ema_decay=0.99)
+    module = ForeignModule(model, lr=0.05)
+    recorder = Recorder()
+    initial = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    trainer(max_steps=3, callbacks=[history, recorder]).fit(module, train_dataloaders=loader(random_batches(3)))
+    expected = initial
+    for step in recorder.steps:
+        expected = {n: 0.99 * expected[n] + 0.01 * step[n].float() for n in expected}
+    for n, w in history._weights.items():
+        assert w.dtype == torch.float32
+        torch.testing.assert_close(w, expected[n], atol=1e-6, rtol=1e-5)
+    # the tiny updates are not rounded away, as they would be in bf16
+    moved = sum(int((w != initial[n]).sum()) for n, w in history._weights.items())
+    assert moved > 0.5 * sum(w.numel() for w in history._weights.values())
+    nll = history.history_nll(module, random_batches(1)[0])
+    assert torch.isfinite(nll).all()
