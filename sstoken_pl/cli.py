@@ -27,15 +27,15 @@ class SSTokenCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         from sstoken_pl.callbacks import AttentionScore, HistoryModel, TokenSelection
 
-        callbacks = self.config_init[self.subcommand]["trainer"].get("callbacks") or []
+        trainer = super().instantiate_trainer(**kwargs)
         for kind in (HistoryModel, AttentionScore, TokenSelection):
-            if sum(isinstance(cb, kind) for cb in callbacks) > 1:
+            if sum(isinstance(cb, kind) for cb in trainer.callbacks) > 1:
                 raise ConfigError(
                     f"trainer.callbacks has more than one {kind.__name__}: a method config (configs/methods/) was "
                     f"composed with a config that already has one (configs/quickstart.yaml includes ssToken's "
                     f"callbacks; use --trainer.callbacks=[] before the method config to replace them)"
                 )
-        return super().instantiate_trainer(**kwargs)
+        return trainer
 
 
 # Deprecation chatter from the libraries' own internals, which a user cannot act on.

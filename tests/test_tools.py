@@ -1,0 +1,45 @@
+"""The tools in ``tools/`` as a user runs them: the step-time benchmark and the run inspector."""
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.test_cli import ROOT, cli
+
+
+def tool(name, *args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", name), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_bench_step_reports_a_ratio_per_method():
+    out = tool("bench_step.py", "--steps", "2", "--warmup", "1", "--repeats", "1", "--methods", "full", "sstoken")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = dict(re.findall(r"^(full|sstoken)\s+[0-9.]+\s+([0-9.]+)x$", out.stdout, flags=re.M))
+    assert set(rows) == {"full", "sstoken"}, out.stdout
+    assert float(rows["full"]) == 1.0 and float(rows["sstoken"]) > 0
+
+
+def test_inspect_run_summarises_selection_and_samples(tmp_path):
+    fit = cli(
+        "fit", "--config", "configs/tiny.yaml", "--config", "configs/methods/sstoken.yaml",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+        "--trainer.callbacks.log_samples_every=1", "--model.export=false",
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    out = tool("inspect_run.py", str(tmp_path), "--samples", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    kept = re.search(r"^selection/kept_fraction\s+(\d+)\s+([0-9.]+)", out.stdout, flags=re.M)
+    assert kept and int(kept.group(1)) == 2 and 0.55 < float(kept.group(2)) < 0.75, out.stdout
+    assert "selection/rel_mean" in out.stdout and "selection/attn_mean" in out.stdout
+    assert "step 2" in out.stdout and "[-" in out.stdout, "a decoded sample with dropped tokens marked"
+
+
+def test_inspect_run_without_logs_is_one_clear_error(tmp_path):
+    out = tool("inspect_run.py", str(tmp_path))
+    assert out.returncode != 0 and "error: no TensorBoard events or metrics.csv" in out.stderr
+    assert "Traceback" not in out.stderr
