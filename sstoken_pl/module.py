@@ -35,6 +35,16 @@ class LoRA:
     dropout: float = 0.1
     target_modules: Union[str, list[str]] = "all-linear"
 
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"model.lora.r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"model.lora.alpha must be positive, got {self.alpha!r}")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise ConfigError("model.lora.target_modules is empty: give 'all-linear' or module names")
+
 
 class SFTModule(pl.LightningModule):
     """Fine-tunes a causal LM on response tokens; the loss is ``sstoken_pl.token_loss`` (token selection plugs in
@@ -87,7 +97,14 @@ class SFTModule(pl.LightningModule):
         if lr <= 0:
             raise ConfigError(f"model.lr must be positive, got {lr!r}")
         torch_dtype(dtype)  # validates
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ConfigError(f"model.betas must be two numbers in [0, 1), got {betas!r}")
+        if weight_decay < 0:
+            raise ConfigError(f"model.weight_decay must be ≥ 0, got {weight_decay!r}")
         if isinstance(lora, dict):
+            unknown = sorted(set(lora).difference(LoRA.__dataclass_fields__))
+            if unknown:
+                raise ConfigError(f"model.lora: unknown fields {unknown}; known: r, alpha, dropout, target_modules")
             lora = LoRA(**lora)
         # Plain types only in hparams, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["lora"])
@@ -134,7 +151,10 @@ class SFTModule(pl.LightningModule):
                 target_modules=self.lora.target_modules,
                 task_type="CAUSAL_LM",
             )
-            model = get_peft_model(model, config)
+            try:
+                model = get_peft_model(model, config)
+            except ValueError as err:  # e.g. target modules that the model does not have
+                raise ConfigError(f"model.lora: {err}") from err
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

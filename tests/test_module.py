@@ -63,11 +63,27 @@ def test_linear_schedule_with_warmup():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"warmup_ratio": 1.5}, "warmup_ratio"), ({"lr": 0}, "lr"), ({"model_name_or_path": "x"}, "exactly one")],
+    [
+        ({"warmup_ratio": 1.5}, "warmup_ratio"),
+        ({"lr": 0}, "lr"),
+        ({"model_name_or_path": "x"}, "exactly one"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+        ({"lora": {"r": 0}}, r"lora\.r"),
+        ({"lora": {"r": 4, "dropout": 1.0}}, r"lora\.dropout"),
+        ({"lora": {"r": 4, "alpha": 0}}, r"lora\.alpha"),
+        ({"lora": {"rank": 4}}, r"unknown fields \['rank'\]"),
+    ],
 )
 def test_bad_module_arguments(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         tiny_module(**kwargs)
+
+
+def test_lora_target_modules_the_model_lacks_are_named():
+    module = tiny_module(lora=LoRA(r=4, target_modules=["not_a_layer"]))
+    with pytest.raises(ConfigError, match=r"model\.lora: .*not_a_layer"):
+        module.configure_model()
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
