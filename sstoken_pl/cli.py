@@ -27,15 +27,17 @@ class SSTokenCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         from sstoken_pl.callbacks import AttentionScore, HistoryModel, TokenSelection
 
-        trainer = super().instantiate_trainer(**kwargs)
+        # Before the Trainer exists: Lightning would refuse two stateful callbacks of a kind with a traceback.
+        # `_get` reads the trainer config with or without a subcommand (`run=False`, as tools/bench_step.py uses).
+        callbacks = kwargs.get("callbacks") or self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         for kind in (HistoryModel, AttentionScore, TokenSelection):
-            if sum(isinstance(cb, kind) for cb in trainer.callbacks) > 1:
+            if sum(isinstance(cb, kind) for cb in callbacks) > 1:
                 raise ConfigError(
                     f"trainer.callbacks has more than one {kind.__name__}: a method config (configs/methods/) was "
                     f"composed with a config that already has one (configs/quickstart.yaml includes ssToken's "
                     f"callbacks; use --trainer.callbacks=[] before the method config to replace them)"
                 )
-        return trainer
+        return super().instantiate_trainer(**kwargs)
 
 
 # Deprecation chatter from the libraries' own internals, which a user cannot act on.
