@@ -26,8 +26,9 @@ class AttentionScore(Callback):
             ``[B, heads, chunk_size, T]`` buffer.
         model_attr: the attribute of the LightningModule that holds the Hugging Face model (plain or peft-wrapped).
 
-    The probe is installed at fit start (after ``configure_model``), armed at each training batch start and removed
-    at teardown. ``TokenSelection`` reads the scores through ``scores(pl_module, batch)``.
+    The probe is installed at fit start (after ``configure_model``), armed at each training batch start while
+    ``active`` and removed at teardown. ``TokenSelection`` reads the scores through ``scores(pl_module, batch)`` and
+    sets ``active`` to False during its ``warmup_steps``, so that warm-up costs what plain SFT does.
     """
 
     def __init__(self, layer: int = -1, chunk_size: int = 256, model_attr: str = "model") -> None:
@@ -36,6 +37,7 @@ class AttentionScore(Callback):
         if not isinstance(model_attr, str) or not model_attr:
             raise ConfigError(f"AttentionScore.model_attr must be a non-empty attribute name, got {model_attr!r}")
         self.model_attr = model_attr
+        self.active = True  # whether the next training batches capture scores
         self._probe: PromptAttentionProbe | None = None
         self._cache: tuple[int, torch.Tensor] | None = None
 
@@ -67,7 +69,7 @@ class AttentionScore(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._cache = None
-        if self._probe is not None:
+        if self._probe is not None and self.active:
             attention_mask = batch.get("attention_mask")
             self._probe.arm(prompt_key_mask(batch["labels"], attention_mask), attention_mask)
 

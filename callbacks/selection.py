@@ -89,6 +89,14 @@ class TokenSelection(Callback):
                 f"sstoken_pl.callbacks.AttentionScore to trainer.callbacks, or set gamma=1 (REL only)"
             )
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._set_attention_active(trainer.global_step)  # after a resume has restored global_step
+
+    def _set_attention_active(self, step: int) -> None:
+        """The attention score is captured only for batches that select (not during warm-up)."""
+        if self._attention is not None:
+            self._attention.active = step >= self.warmup_steps
+
     def select(
         self,
         pl_module: pl.LightningModule,
@@ -128,8 +136,9 @@ class TokenSelection(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        step = trainer.global_step  # after this batch's optimizer step (if any): the next batch's step
+        self._set_attention_active(step)
         last, self._last = self._last, None
-        step = trainer.global_step
         if last is None or step % self.log_samples_every or step == self._logged_step or not trainer.is_global_zero:
             return
         self._logged_step = step

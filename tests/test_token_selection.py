@@ -21,7 +21,8 @@ class SpySelection(TokenSelection):
     def select(self, pl_module, batch, token_nll, resp):
         kept = super().select(pl_module, batch, token_nll, resp)
         hist = self._history.history_nll(pl_module, batch) if self._history is not None else None
-        attn = self._attention.scores(pl_module, batch) if self._attention is not None else None
+        selecting = pl_module.trainer.global_step >= self.warmup_steps
+        attn = self._attention.scores(pl_module, batch) if self._attention is not None and selecting else None
         self.seen.append(
             dict(step=pl_module.trainer.global_step, resp=resp.clone(), kept=kept.clone(), nll=token_nll.detach(),
                  hist=hist, attn=attn, logged={k: float(v) for k, v in pl_module.trainer.callback_metrics.items()})
@@ -102,6 +103,22 @@ def test_warmup_steps_train_on_every_response_token(tiny_llama):
         ForeignModule(tiny_llama), train_dataloaders=loader(random_batches(3))
     )
     assert [torch.equal(s["kept"], s["resp"]) for s in spy.seen] == [True, True, False]
+
+
+def test_attention_is_not_captured_during_warmup(tiny_llama, monkeypatch):
+    import sstoken_pl.attention as attention
+
+    calls = []
+    real = attention.prompt_attention_mass
+    monkeypatch.setattr(attention, "prompt_attention_mass", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spy = SpySelection(ratio=0.5, gamma=0.0, warmup_steps=2)
+    trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[AttentionScore(), spy]).fit(
+        ForeignModule(tiny_llama), train_dataloaders=loader(random_batches(8))
+    )
+    # 8 batches = 4 optimizer steps; batches 0-3 are the 2 warm-up steps
+    assert [s["step"] for s in spy.seen] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [s["attn"] is not None for s in spy.seen] == [False] * 4 + [True] * 4
+    assert len(calls) == 4, "the probe computes the attention score only for the batches that select"
 
 
 def test_batch_granularity_ranks_across_samples(tiny_llama):
