@@ -160,6 +160,7 @@ def _read_hub(name: str) -> dict[str, list[Record]]:
 
 def load_splits(path: str) -> dict[str, list[Record]]:
     """The records of a data source by split (``train``, ``validation``, ``test``); a single file is ``train``."""
+    path = os.path.expanduser(path)
     if os.path.isfile(path):
         return {"train": read_file(path)}
     if os.path.isdir(path):

@@ -371,6 +371,13 @@ def test_unknown_fields_are_named(tmp_path, byte_tok):
         module(path, byte_tok)
 
 
+def test_home_relative_path(tmp_path, byte_tok, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "mine.jsonl", PC_RECORDS)
+    dm = module("~/mine.jsonl", byte_tok, val_size=0.25)
+    assert len(dm.train_dataset) + len(dm.val_dataset) == len(PC_RECORDS)
+
+
 def test_missing_local_file_and_unreachable_hub(tmp_path, byte_tok, monkeypatch):
     with pytest.raises(DataError, match="no such file"):
         module(str(tmp_path / "nope.jsonl"), byte_tok)
