@@ -28,8 +28,11 @@ class AttentionScore(Callback):
 
     The probe is installed at fit start (after ``configure_model``), armed at each training batch start while
     ``active`` and removed at teardown. ``TokenSelection`` reads the scores through ``scores(pl_module, batch)`` and
-    sets ``active`` to False during its ``warmup_steps``, so that warm-up costs what plain SFT does.
+    sets ``active`` to False for the steps whose selection does not use attention (``warmup_steps``, a γ = 1
+    phase), so that those steps cost what plain SFT does. It provides the input ``attention`` (``token_input``).
     """
+
+    provides = ("attention",)
 
     def __init__(self, layer: int = -1, chunk_size: int = 256, model_attr: str = "model") -> None:
         self.layer = check_layer(layer, "AttentionScore.layer")
@@ -39,7 +42,7 @@ class AttentionScore(Callback):
         self.model_attr = model_attr
         self.active = True  # whether the next training batches capture scores
         self._probe: PromptAttentionProbe | None = None
-        self._cache: tuple[int, torch.Tensor] | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (the batch's labels, its scores)
 
     # ------------------------------------------------------------------ probe life cycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -86,8 +89,8 @@ class AttentionScore(Callback):
         Available once the training forward has run (e.g. from inside the loss); the same tensor is returned for
         the rest of the batch.
         """
-        key = id(batch["labels"])
-        if self._cache is not None and self._cache[0] == key:
+        key = batch["labels"]
+        if self._cache is not None and self._cache[0] is key:
             return self._cache[1]
         if self._probe is None:
             raise RuntimeError("AttentionScore.scores: no probe installed (scores exist only during trainer.fit)")
@@ -99,6 +102,12 @@ class AttentionScore(Callback):
             )
         self._cache = (key, scores)
         return scores
+
+    def token_input(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The provider protocol of ``TokenSelection``: ``attention`` for this training batch."""
+        if name != "attention":
+            raise KeyError(f"AttentionScore provides attention, not {name!r}")
+        return self.scores(pl_module, batch)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

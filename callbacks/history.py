@@ -47,7 +47,11 @@ class HistoryModel(Callback):
 
     Its state (weights, step counter) goes into Lightning checkpoints, so a resumed run continues exactly. The EMA
     is kept in float32 whatever the parameters' dtype (a bf16 average would round small updates away).
+
+    It provides the input ``history_nll`` to ``TokenSelection`` (``token_input``), computed only when a method asks.
     """
+
+    provides = ("history_nll",)
 
     def __init__(
         self,
@@ -69,7 +73,7 @@ class HistoryModel(Callback):
         self._weights: dict[str, torch.Tensor] | None = None  # history values of the trainable parameters
         self._last_step = 0  # trainer.global_step at the last update
         self._pending: dict[str, Any] | None = None  # state loaded from a checkpoint, applied at fit start
-        self._cache: tuple[int, torch.Tensor] | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (the batch's input_ids, its NLL)
 
     # ------------------------------------------------------------------ setup
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -140,8 +144,8 @@ class HistoryModel(Callback):
 
         Computed once per training batch (one extra forward, no grad, eval mode) and cached until the batch ends.
         """
-        key = id(batch["input_ids"])
-        if self._cache is not None and self._cache[0] == key:
+        key = batch["input_ids"]
+        if self._cache is not None and self._cache[0] is key:
             return self._cache[1]
         model = hf_model(pl_module, self.model_attr)
         was_training = model.training
@@ -158,6 +162,12 @@ class HistoryModel(Callback):
             model.train(was_training)
         self._cache = (key, nll)
         return nll
+
+    def token_input(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The provider protocol of ``TokenSelection``: ``history_nll`` for this batch."""
+        if name != "history_nll":
+            raise KeyError(f"HistoryModel provides history_nll, not {name!r}")
+        return self.history_nll(pl_module, batch)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

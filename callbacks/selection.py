@@ -1,141 +1,313 @@
-"""``TokenSelection``: turns the providers' per-token quantities into the mask ``sstoken_pl.token_loss`` applies."""
+"""``TokenSelection``: turns named per-token inputs into the mask (or weights) ``sstoken_pl.token_loss`` applies."""
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from sstoken_pl import selection
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.selection import check_gamma, check_ratio, global_top_ratio_mask, sstoken_scores, top_ratio_mask
+from sstoken_pl.loss import per_token_nll, response_mask as response_positions
+from sstoken_pl.methods import CURRENT_INPUTS, PROVIDERS, RULES, get_method, resolve_options
+
+Rule = Literal["sample_top", "batch_top", "global_threshold", "weights"]
 
 
 class TokenSelection(Callback):
-    """Keeps, per sample, the top ``⌈ratio · R⌉`` response tokens by ssToken's score, before backward.
+    """Keeps the response tokens a method scores highest, before backward (the loss is ``sstoken_pl.token_loss``).
 
-    ``score = gamma · minmax(REL) + (1 − gamma) · attn``, ``REL = L_history − L_current`` (from ``HistoryModel``),
-    ``attn`` from ``AttentionScore``. ``gamma=1``: REL only (no ``AttentionScore`` needed); ``gamma=0``: attention
-    only (no ``HistoryModel`` needed).
+    A method is *inputs → score → rule* (``sstoken_pl.methods``): its inputs come from the current forward
+    (``nll``, ``entropy``) and from provider callbacks on the same trainer (``HistoryModel`` → ``history_nll``,
+    ``ReferenceModel`` → ``reference_nll``, ``AttentionScore`` → ``attention``); a missing provider is one clear
+    error at fit start.
 
     Args:
-        ratio: ρ, the share of response tokens kept, in (0, 1].
-        gamma: γ, the weight of REL against the attention score, in [0, 1].
-        warmup_steps: optimizer steps of plain SFT (all response tokens) before selection starts.
-        granularity: ``"sample"`` ranks within each sample (the paper); ``"batch"`` ranks all response tokens of
-            the batch together (one threshold).
+        method: ``sstoken`` (default), ``random``, ``rho1``, ``tokencleaning``, ``qtuning``, or a dotted path
+            ``package.module:NAME`` to a ``sstoken_pl.methods.Method``.
+        ratio: ρ, the share of (finite-scored) response tokens kept, in (0, 1]. For ``qtuning``, the share of
+            tokens kept in the samples whose tokens are pruned.
+        rule: how scores become the mask: ``sample_top`` (per-sample top ⌈ρR⌉), ``batch_top`` (top ⌈ρN⌉ of the
+            batch), ``global_threshold`` (one threshold for the whole training set, from a scoring pass before the
+            first step), ``weights`` (per-sample min-max of the score as loss weights); default: the method's.
+        gamma: ssToken's γ, the weight of REL against attention, in [0, 1] (default 0.5); only for ``sstoken``.
+        early_gamma: γ during the first ``early_fraction`` of the optimizer steps (the authors' released code
+            selects by attention only, γ = 0, for the first 20% of training: ``early_gamma: 0, early_fraction: 0.2``).
+        early_fraction: share of the run's optimizer steps (``trainer.estimated_stepping_batches``) that use
+            ``early_gamma``.
+        warmup_steps: optimizer steps of plain SFT (every response token) before selection starts.
+        keep_end_of_turn: always train on the last token of each response span (the end-of-turn/EOS token), on top
+            of the ρ share of the others.
+        options: the method's own options (``qtuning``: ``sample_ratio`` 0.5, ``smoothing`` λ 0.5).
+        threshold_batches: ``global_threshold`` only: batches of the (unshuffled) training set scored to find the
+            threshold; default: all of it.
+        seed: seeds the random tie-breaking and the ``random`` method (a draw per step, reproducible on resume).
         log_samples_every: every this many optimizer steps, log a few decoded samples with dropped tokens marked
-            ``[-like this-]`` (TensorBoard text, or ``selection_samples.txt`` in the run directory); 0 turns it off.
+            ``[-like this-]`` (TensorBoard text, or ``selection_samples.txt``) and, token by token, to
+            ``selection_samples.jsonl`` in the run directory; 0 turns it off.
         num_log_samples: how many samples of the batch to log each time.
+
+    Logged every step: ``selection/kept_fraction``; ``selection/rel_mean`` and ``selection/attn_mean`` when those
+    inputs are used; and, when the batch carries the ground truth of injected noise (``batch["noise"]``, the
+    built-in task), ``selection/noise_dropped`` (share of noise tokens dropped) and ``selection/clean_kept`` (share
+    of clean tokens kept).
     """
 
     def __init__(
         self,
+        method: str = "sstoken",
         ratio: float = 0.6,
-        gamma: float = 0.5,
+        rule: Optional[Rule] = None,
+        gamma: Optional[float] = None,
+        early_gamma: Optional[float] = None,
+        early_fraction: float = 0.0,
         warmup_steps: int = 0,
-        granularity: Literal["sample", "batch"] = "sample",
+        keep_end_of_turn: bool = False,
+        options: Optional[dict[str, Any]] = None,
+        threshold_batches: Optional[int] = None,
+        seed: int = 0,
         log_samples_every: int = 0,
         num_log_samples: int = 2,
     ) -> None:
-        self.ratio = check_ratio(ratio, "TokenSelection.ratio")
-        self.gamma = check_gamma(gamma, "TokenSelection.gamma")
-        if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-            raise ConfigError(f"TokenSelection.warmup_steps must be a non-negative integer, got {warmup_steps!r}")
-        if granularity not in ("sample", "batch"):
-            raise ConfigError(f"TokenSelection.granularity must be 'sample' or 'batch', got {granularity!r}")
-        if int(log_samples_every) != log_samples_every or log_samples_every < 0:
-            raise ConfigError(f"TokenSelection.log_samples_every must be ≥ 0, got {log_samples_every!r}")
-        if int(num_log_samples) != num_log_samples or num_log_samples < 1:
-            raise ConfigError(f"TokenSelection.num_log_samples must be ≥ 1, got {num_log_samples!r}")
+        self.method_name = method
+        self.method = get_method(method)
+        self.ratio = selection.check_ratio(ratio, "TokenSelection.ratio")
+        self.rule = rule or self.method.rule
+        if self.rule not in RULES:
+            raise ConfigError(f"TokenSelection.rule must be one of {', '.join(RULES)}, got {rule!r}")
+        options = dict(options or {})
+        for name, value in (("gamma", gamma), ("early_gamma", early_gamma)):
+            if value is not None and "gamma" not in self.method.options:
+                raise ConfigError(f"TokenSelection.{name} applies to method sstoken only, not {method!r}")
+        if gamma is not None:
+            options["gamma"] = gamma
+        self.options = resolve_options(self.method, options)
+        self.early_options = None
+        if early_gamma is not None:
+            self.early_options = resolve_options(self.method, {**options, "gamma": early_gamma})
+        if not (0.0 <= early_fraction < 1.0):
+            raise ConfigError(f"TokenSelection.early_fraction must be in [0, 1), got {early_fraction!r}")
+        if early_fraction > 0 and early_gamma is None:
+            raise ConfigError("TokenSelection.early_fraction needs early_gamma (the γ of the early phase)")
+        for name, value, low in (
+            ("warmup_steps", warmup_steps, 0),
+            ("log_samples_every", log_samples_every, 0),
+            ("num_log_samples", num_log_samples, 1),
+            ("seed", seed, 0),
+        ):
+            if isinstance(value, bool) or int(value) != value or value < low:
+                raise ConfigError(f"TokenSelection.{name} must be an integer ≥ {low}, got {value!r}")
+        if threshold_batches is not None and (int(threshold_batches) != threshold_batches or threshold_batches < 1):
+            raise ConfigError(f"TokenSelection.threshold_batches must be a positive integer, got {threshold_batches!r}")
+        self.gamma = self.options.get("gamma")
+        self.early_gamma = early_gamma
+        self.early_fraction = float(early_fraction)
         self.warmup_steps = int(warmup_steps)
-        self.granularity = granularity
+        self.keep_end_of_turn = bool(keep_end_of_turn)
+        self.threshold_batches = threshold_batches
+        self.seed = int(seed)
         self.log_samples_every = int(log_samples_every)
         self.num_log_samples = int(num_log_samples)
-        self._history = None
-        self._attention = None
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # ids, response, kept
+        self.threshold: float | None = None  # global_threshold: found by the scoring pass, saved in checkpoints
+        self._providers: dict[str, Any] = {}
+        self._early_steps = 0
+        self._called = False
+        self._last: tuple[Any, ...] | None = None
         self._log_dir: str | None = None
         self._logged_step = -1  # under gradient accumulation, log each optimizer step's samples once
 
+    # ------------------------------------------------------------------ the token-selector protocol
+    @property
+    def current_inputs(self) -> frozenset[str]:
+        """Inputs ``token_loss`` computes from the current forward for this method (``entropy`` only if needed)."""
+        needs = self.method.needs(self.options) | self.method.needs(self.early_options or self.options)
+        return frozenset(n for n in CURRENT_INPUTS if n in needs) | {"nll"}
+
+    def _options_at(self, step: int) -> Mapping[str, Any]:
+        return self.early_options if self.early_options is not None and step < self._early_steps else self.options
+
+    def _needs_at(self, step: int) -> frozenset[str]:
+        return frozenset() if step < self.warmup_steps else self.method.needs(self._options_at(step))
+
+    # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from sstoken_pl.callbacks.attention import AttentionScore
-        from sstoken_pl.callbacks.history import HistoryModel
-
-        def find(kind: type) -> Any:
-            return next((cb for cb in trainer.callbacks if isinstance(cb, kind)), None)
-
         self._log_dir = trainer.log_dir  # on every rank: under DDP, log_dir is a collective call
-        self._history = find(HistoryModel) if self.gamma > 0 else None
-        self._attention = find(AttentionScore) if self.gamma < 1 else None
-        if self.gamma > 0 and self._history is None:
-            raise ConfigError(
-                f"TokenSelection(gamma={self.gamma}) needs a HistoryModel callback for REL: add "
-                f"sstoken_pl.callbacks.HistoryModel to trainer.callbacks, or set gamma=0 (attention only)"
-            )
-        for unused, why in ((find(HistoryModel), self.gamma == 0), (find(AttentionScore), self.gamma == 1)):
-            if unused is not None and why:
-                rank_zero_warn(
-                    f"TokenSelection(gamma={self.gamma}) does not use {type(unused).__name__}; remove it from "
-                    f"trainer.callbacks to save its cost"
-                )
-        if self.gamma < 1 and self._attention is None:
-            raise ConfigError(
-                f"TokenSelection(gamma={self.gamma}) needs an AttentionScore callback for the attention score: add "
-                f"sstoken_pl.callbacks.AttentionScore to trainer.callbacks, or set gamma=1 (REL only)"
-            )
+        providers: dict[str, Any] = {}
+        for cb in trainer.callbacks:
+            for name in getattr(cb, "provides", ()):
+                if name in providers:
+                    raise ConfigError(
+                        f"trainer.callbacks: both {type(providers[name]).__name__} and {type(cb).__name__} provide "
+                        f"{name!r}; keep one"
+                    )
+                providers[name] = cb
+        needed = self.method.needs(self.options) | self.method.needs(self.early_options or self.options)
+        what = f"TokenSelection(method={self.method_name!r}" + (f", gamma={self.gamma})" if self.gamma is not None else ")")
+        missing = sorted(n for n in needed if n not in CURRENT_INPUTS and n not in providers)
+        if missing:
+            adds = ", ".join(f"{PROVIDERS.get(n, '?')} (for {n})" for n in missing)
+            raise ConfigError(f"{what} needs {adds}: add it to trainer.callbacks")
+        if self.rule == "global_threshold" and "attention" in needed:
+            raise ConfigError(f"{what}: rule global_threshold cannot use the attention input (no scoring pass for it)")
+        for name, cb in providers.items():
+            if name not in needed:
+                rank_zero_warn(f"{what} does not use {type(cb).__name__} ({name}); remove it to save its cost")
+        self._providers = {n: cb for n, cb in providers.items() if n in needed}
+        self._early_steps = 0
+        if self.early_options is not None and self.early_fraction > 0:
+            total = trainer.estimated_stepping_batches
+            self._early_steps = int(self.early_fraction * total) if total != float("inf") else 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_attention_active(trainer.global_step)  # after a resume has restored global_step
 
     def _set_attention_active(self, step: int) -> None:
-        """The attention score is captured only for batches that select (not during warm-up)."""
-        if self._attention is not None:
-            self._attention.active = step >= self.warmup_steps
+        """The attention probe captures only for batches whose selection uses attention."""
+        attention = self._providers.get("attention")
+        if attention is not None:
+            attention.active = "attention" in self._needs_at(step)
+
+    # ------------------------------------------------------------------ per batch
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._called = False
+        if self.rule == "global_threshold" and self.threshold is None and trainer.global_step >= self.warmup_steps:
+            self.threshold = self._scoring_pass(trainer, pl_module)
 
     def select(
         self,
         pl_module: pl.LightningModule,
         batch: Mapping[str, torch.Tensor],
-        token_nll: torch.Tensor,
+        inputs: Mapping[str, torch.Tensor],
         response_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """The kept-token mask for this training batch (called by ``sstoken_pl.token_loss``)."""
+        """The kept-token mask (or, for the ``weights`` rule, the weights) of this training batch; called by
+        ``sstoken_pl.token_loss`` with the current forward's inputs (``nll``, and ``entropy`` if needed)."""
+        self._called = True
         trainer = pl_module.trainer
-        n_resp = response_mask.sum().clamp(min=1)
-        if trainer.global_step < self.warmup_steps:
-            self._log(pl_module, {"selection/kept_fraction": torch.ones(())})
+        step = trainer.global_step
+        if step < self.warmup_steps:
+            self._log(pl_module, {"selection/kept_fraction": torch.ones((), device=response_mask.device)})
             return response_mask
-        history = self._history.history_nll(pl_module, batch) if self._history is not None else None
-        attention = self._attention.scores(pl_module, batch) if self._attention is not None else None
-        scores = sstoken_scores(token_nll, history, attention, response_mask, self.gamma)
-        rank = top_ratio_mask if self.granularity == "sample" else global_top_ratio_mask
-        kept = rank(scores, response_mask, self.ratio)
-
-        stats = {"selection/kept_fraction": kept.sum() / n_resp}
-        if history is not None:
-            rel = history - token_nll.detach()
-            stats["selection/rel_mean"] = (rel * response_mask).sum() / n_resp
-        if attention is not None:
-            stats["selection/attn_mean"] = (attention * response_mask).sum() / n_resp
-        self._log(pl_module, stats)
+        options = self._options_at(step)
+        values = self._gather(pl_module, batch, inputs, self.method.needs(options))
+        generator = self._generator(trainer)
+        scores = self.method.score(values, response_mask, options, generator)
+        if self.keep_end_of_turn:
+            scores = torch.where(selection.end_of_turn_mask(response_mask), torch.inf, scores)
+        kept = self._apply_rule(scores, response_mask, generator)
+        self._log(pl_module, self._stats(batch, values, response_mask, kept))
         if self.log_samples_every:
-            self._last = (batch["input_ids"].detach(), response_mask.detach(), kept.detach())
+            self._last = (batch["input_ids"].detach(), response_mask.detach(), kept.detach() > 0, batch.get("index"), batch.get("noise"))
         return kept
+
+    def _gather(self, pl_module, batch, inputs: Mapping[str, torch.Tensor], names: frozenset[str]) -> dict[str, torch.Tensor]:
+        values = {}
+        for name in sorted(names):
+            if name in CURRENT_INPUTS:
+                if name not in inputs:
+                    raise RuntimeError(f"TokenSelection: token_loss did not compute {name!r}")
+                values[name] = inputs[name].detach()
+            else:
+                values[name] = self._providers[name].token_input(name, pl_module, batch)
+        return values
+
+    def _generator(self, trainer: pl.Trainer) -> torch.Generator:
+        """A generator seeded by (seed, training batch count, rank): reproducible, also after a resume."""
+        batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        key = self.seed * 1_000_003 + batches * 7_919 + trainer.global_rank * 15_485_863
+        return torch.Generator().manual_seed(key % (2**63 - 1))
+
+    def _apply_rule(self, scores: torch.Tensor, response_mask: torch.Tensor, generator) -> torch.Tensor:
+        if self.rule == "sample_top":
+            return selection.top_ratio_mask(scores, response_mask, self.ratio, generator)
+        if self.rule == "batch_top":
+            return selection.batch_top_ratio_mask(scores, response_mask, self.ratio, generator)
+        if self.rule == "weights":
+            return selection.weights_from_scores(scores, response_mask)
+        if self.threshold is None:
+            raise RuntimeError("TokenSelection: the global threshold was not computed before the first selection")
+        return selection.threshold_mask(scores, response_mask, self.threshold) | (
+            response_mask & (scores == torch.inf)
+        )
+
+    def _stats(self, batch, values: Mapping[str, torch.Tensor], resp: torch.Tensor, kept: torch.Tensor) -> dict:
+        w = kept.float()
+        n_resp = resp.sum().clamp(min=1)
+        stats = {"selection/kept_fraction": (w * resp).sum() / n_resp}
+        if "history_nll" in values and "nll" in values:
+            stats["selection/rel_mean"] = ((values["history_nll"] - values["nll"]) * resp).sum() / n_resp
+        if "attention" in values:
+            stats["selection/attn_mean"] = (values["attention"] * resp).sum() / n_resp
+        noise = batch.get("noise")
+        if noise is not None:
+            noise = noise.bool() & resp
+            clean = resp & ~noise
+            if noise.any():
+                stats["selection/noise_dropped"] = 1.0 - (w * noise).sum() / noise.sum()
+            if clean.any():
+                stats["selection/clean_kept"] = (w * clean).sum() / clean.sum()
+        return stats
 
     @staticmethod
     def _log(pl_module: pl.LightningModule, stats: dict[str, torch.Tensor]) -> None:
         for name, value in stats.items():
             pl_module.log(name, value.float(), on_step=True, on_epoch=False, prog_bar=name.endswith("kept_fraction"))
 
-    # ------------------------------------------------------------------ decoded samples
+    # ------------------------------------------------------------------ global threshold (TokenCleaning)
+    @torch.no_grad()
+    def _scoring_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Scores the training set (unshuffled; the first ``threshold_batches`` batches) with the method and returns
+        the threshold that keeps the top ρ of all its response tokens. Every rank scores the same batches, so every
+        rank gets the same threshold."""
+        from torch.utils.data import DataLoader
+
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader) or not hasattr(loader.dataset, "__len__"):
+            raise ConfigError("TokenSelection(rule=global_threshold) needs a map-style training DataLoader to score")
+        plain = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn)
+        total = len(plain) if self.threshold_batches is None else min(len(plain), self.threshold_batches)
+        needs = self.method.needs(self.options)
+        model = None
+        if needs & set(CURRENT_INPUTS):
+            model = getattr(pl_module, getattr(self._providers.get("history_nll"), "model_attr", "model"))
+        chunks = []
+        for i, batch in enumerate(plain):
+            if i >= total:
+                break
+            batch = trainer.strategy.batch_to_device(batch)
+            resp = response_positions(batch["labels"])
+            inputs = {}
+            if model is not None:
+                was = model.training
+                model.eval()
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+                model.train(was)
+                inputs["nll"], inputs["entropy"] = per_token_nll(logits, batch["labels"], with_entropy=True)
+            values = self._gather(pl_module, batch, inputs, needs)
+            scores = self.method.score(values, resp, self.options, torch.Generator().manual_seed(self.seed + i))
+            chunks.append(scores[resp & torch.isfinite(scores)].float().cpu())
+        threshold = selection.ratio_threshold(torch.cat(chunks), self.ratio)
+        rank_zero_info(
+            f"TokenSelection: global threshold {threshold:.4g} keeps the top {self.ratio:.0%} of "
+            f"{sum(c.numel() for c in chunks)} response tokens ({total} batches scored)"
+        )
+        return threshold
+
+    # ------------------------------------------------------------------ checks and decoded samples
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not self._called:
+            raise ConfigError(
+                f"TokenSelection is on the trainer but {type(pl_module).__name__}.training_step did not compute its "
+                f"loss with sstoken_pl.token_loss, so no token was selected (this would silently train plain SFT)"
+            )
         step = trainer.global_step  # after this batch's optimizer step (if any): the next batch's step
         self._set_attention_active(step)
         last, self._last = self._last, None
@@ -145,23 +317,54 @@ class TokenSelection(Callback):
         tokenizer = getattr(pl_module, "tokenizer", None) or getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None:
             return
-        samples = [
-            render_selection(tokenizer, ids, resp, kept) for ids, resp, kept in zip(*last) if resp.any()
-        ][: self.num_log_samples]
-        body = f"step {trainer.global_step}\n" + "\n---\n".join(samples)
+        ids, resp, kept, index, noise = last
+        rows = [b for b in range(ids.shape[0]) if resp[b].any()][: self.num_log_samples]
+        body = f"step {trainer.global_step}\n" + "\n---\n".join(
+            render_selection(tokenizer, ids[b], resp[b], kept[b]) for b in rows
+        )
         logger = trainer.logger
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text("selection/samples", body.replace("\n", "  \n"), trainer.global_step)
-        elif self._log_dir is not None:
-            os.makedirs(self._log_dir, exist_ok=True)
+        if self._log_dir is None:
+            return
+        os.makedirs(self._log_dir, exist_ok=True)
+        if not isinstance(logger, TensorBoardLogger):
             with open(os.path.join(self._log_dir, "selection_samples.txt"), "a", encoding="utf-8") as f:
                 f.write(body + "\n\n")
+        with open(os.path.join(self._log_dir, "selection_samples.jsonl"), "a", encoding="utf-8") as f:
+            for b in rows:
+                positions = resp[b].nonzero().flatten().tolist()
+                f.write(json.dumps({
+                    "step": trainer.global_step,
+                    "index": int(index[b]) if index is not None else b,
+                    "tokens": [tokenizer.decode([int(ids[b, p])]) for p in positions],
+                    "kept": [int(kept[b, p]) for p in positions],
+                    "noise": [int(noise[b, p]) for p in positions] if noise is not None else None,
+                }) + "\n")
 
+    # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        return {"ratio": self.ratio, "gamma": self.gamma, "warmup_steps": self.warmup_steps, "granularity": self.granularity}
+        return {
+            "method": self.method_name,
+            "ratio": self.ratio,
+            "rule": self.rule,
+            "gamma": self.gamma,
+            "early_gamma": self.early_gamma,
+            "early_fraction": self.early_fraction,
+            "warmup_steps": self.warmup_steps,
+            "threshold": self.threshold,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        changed = {k: (v, getattr(self, k)) for k, v in state_dict.items() if getattr(self, k, v) != v}
+        if state_dict.get("method", "sstoken") != self.method_name:
+            raise ConfigError(
+                f"TokenSelection: the checkpoint was trained with method {state_dict.get('method')!r}, this run asks "
+                f"for {self.method_name!r}"
+            )
+        if state_dict.get("rule", self.rule) == self.rule and state_dict.get("ratio") == self.ratio:
+            self.threshold = state_dict.get("threshold")  # the global threshold is not recomputed on resume
+        settings = {k: v for k, v in state_dict.items() if k not in ("threshold", "method")}
+        changed = {k: (v, getattr(self, k)) for k, v in settings.items() if getattr(self, k, v) != v}
         if changed:
             rank_zero_warn(f"TokenSelection: resuming with other settings than the checkpoint's (was, now): {changed}")
 

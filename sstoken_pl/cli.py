@@ -25,12 +25,12 @@ class SSTokenCLI(LightningCLI):
         parser.set_defaults({"eval.num_problems": 0})
 
     def instantiate_trainer(self, **kwargs):
-        from sstoken_pl.callbacks import AttentionScore, HistoryModel, TokenSelection
+        from sstoken_pl.callbacks import AttentionScore, HistoryModel, ReferenceModel, TokenSelection
 
         # Before the Trainer exists: Lightning would refuse two stateful callbacks of a kind with a traceback.
         # `_get` reads the trainer config with or without a subcommand (`run=False`, as tools/bench_step.py uses).
         callbacks = kwargs.get("callbacks") or self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-        for kind in (HistoryModel, AttentionScore, TokenSelection):
+        for kind in (HistoryModel, AttentionScore, ReferenceModel, TokenSelection):
             if sum(isinstance(cb, kind) for cb in callbacks) > 1:
                 raise ConfigError(
                     f"trainer.callbacks has more than one {kind.__name__}: a method config (configs/methods/) was "

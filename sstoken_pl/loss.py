@@ -8,7 +8,7 @@ a response position (nothing predicts it).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -42,10 +42,11 @@ class _ShiftedNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk: int, with_entropy: bool):
         B, T, _ = logits.shape
         nll = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
         lse = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
+        entropy = torch.zeros(B, T, dtype=torch.float32, device=logits.device) if with_entropy else None
         targets = labels[:, 1:]
         valid = targets != IGNORE_INDEX
         safe = targets.clamp(min=0)
@@ -60,12 +61,18 @@ class _ShiftedNLL(torch.autograd.Function):
                 tgt = x.gather(-1, safe[b, s:e, None]).squeeze(-1)
                 nll[b, s + 1 : e + 1] = torch.where(valid[b, s:e], lse_c - tgt, 0.0)
                 lse[b, s + 1 : e + 1] = lse_c
+                if entropy is not None:  # H = lse − Σ p·x, from the same float32 chunk (x may alias logits)
+                    h = lse_c - ((x - lse_c[:, None]).exp() * x).sum(-1)
+                    entropy[b, s + 1 : e + 1] = torch.where(valid[b, s:e], h, 0.0)
         ctx.save_for_backward(logits, labels, lse)
         ctx.chunk = chunk
-        return nll
+        if entropy is None:
+            return nll
+        ctx.mark_non_differentiable(entropy)
+        return nll, entropy
 
     @staticmethod
-    def backward(ctx, grad_nll: torch.Tensor):
+    def backward(ctx, grad_nll: torch.Tensor, grad_entropy: torch.Tensor | None = None):
         logits, labels, lse = ctx.saved_tensors
         chunk = ctx.chunk
         B, T, _ = logits.shape
@@ -84,49 +91,78 @@ class _ShiftedNLL(torch.autograd.Function):
                 p.scatter_add_(-1, safe[b, s:e, None], torch.full_like(g_c[:, None], -1.0))
                 p.mul_(g_c[:, None])
                 grad[b, s:e] = p
-        return grad, None, None
+        return grad, None, None, None
 
 
-def per_token_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+def per_token_nll(
+    logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None, with_entropy: bool = False
+):
     """``FloatTensor[B, T]`` (float32): NLL of target ``labels[b, i]`` under ``logits[b, i - 1]``; 0 where ignored.
 
-    Differentiable with respect to ``logits``; uses no float32 copy of the whole ``[B, T, V]`` logits.
+    Differentiable with respect to ``logits``; uses no float32 copy of the whole ``[B, T, V]`` logits. With
+    ``with_entropy=True`` returns ``(nll, entropy)``: the predictive entropy of each position's next-token
+    distribution (aligned the same way, 0 where ignored, not differentiable), from the same chunked pass.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"per_token_nll: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
     if logits.shape[1] < 2:
-        return torch.zeros(labels.shape, dtype=torch.float32, device=logits.device) + 0.0 * logits.sum()
-    return _ShiftedNLL.apply(logits.contiguous(), labels, chunk_size)
+        nll = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device) + 0.0 * logits.sum()
+        return (nll, torch.zeros_like(nll).detach()) if with_entropy else nll
+    return _ShiftedNLL.apply(logits.contiguous(), labels, chunk_size, with_entropy)
 
 
-def _token_selector(pl_module: Any):
-    """The ``TokenSelection`` callback attached to the module's trainer, if any."""
+@runtime_checkable
+class TokenSelector(Protocol):
+    """What ``token_loss`` asks of a selection callback (``sstoken_pl.callbacks.TokenSelection`` implements it).
+
+    ``current_inputs``: the names of the inputs it needs from the current forward, a subset of ``("nll",
+    "entropy")`` (entropy is computed only when asked for). ``select`` returns the kept-token ``BoolTensor[B, T]``
+    or per-token float weights ``[B, T]`` for this training batch.
+    """
+
+    @property
+    def current_inputs(self) -> frozenset[str]: ...
+
+    def select(
+        self,
+        pl_module: Any,
+        batch: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor],
+        response_mask: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+def token_selector(pl_module: Any) -> TokenSelector | None:
+    """The token selector attached to the module's trainer (a callback implementing ``TokenSelector``), if any."""
     trainer = getattr(pl_module, "_trainer", None)
     if trainer is None:
         return None
-    from sstoken_pl.callbacks.selection import TokenSelection
-
-    for cb in trainer.callbacks:
-        if isinstance(cb, TokenSelection):
-            return cb
-    return None
+    return next((cb for cb in trainer.callbacks if isinstance(cb, TokenSelector)), None)
 
 
 def token_loss(pl_module: Any, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
     """The training loss of every module, ours or a user's: mean NLL over the kept response tokens.
 
-    With no ``TokenSelection`` callback on the trainer (or outside training) every response token is kept: plain
-    SFT. With one, its mask (computed from this batch's per-token NLL, before backward) picks the kept tokens.
-    A batch with no kept token gives a zero loss (with a graph), never NaN.
+    With no token selector (``TokenSelection``) on the trainer, or outside training, every response token is kept:
+    plain SFT. With one, its mask (computed from this batch's per-token inputs, before backward) picks the kept
+    tokens; a selector that weights rather than drops gives the weighted mean ``Σ w·NLL / Σ w``. A batch with no
+    kept token gives a zero loss (with a graph), never NaN.
     """
     labels = batch["labels"]
-    nll = per_token_nll(logits, labels)
     mask = response_mask(labels)
-    selector = _token_selector(pl_module)
+    selector = token_selector(pl_module)
     trainer = getattr(pl_module, "_trainer", None)
-    if selector is not None and pl_module.training and trainer is not None and trainer.training:
-        mask = selector.select(pl_module, batch, nll, mask)
-    kept = mask.sum()
-    return (nll * mask).sum() / kept.clamp(min=1)
+    if selector is None or not (pl_module.training and trainer is not None and trainer.training):
+        nll = per_token_nll(logits, labels)
+        return (nll * mask).sum() / mask.sum().clamp(min=1)
+    if "entropy" in selector.current_inputs:
+        nll, entropy = per_token_nll(logits, labels, with_entropy=True)
+        inputs = {"nll": nll, "entropy": entropy}
+    else:
+        nll = per_token_nll(logits, labels)
+        inputs = {"nll": nll}
+    weights = selector.select(pl_module, batch, inputs, mask).to(nll.dtype)
+    total = weights.sum()
+    return (nll * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))

@@ -137,3 +137,25 @@ def tiny_llama_config(**overrides) -> dict[str, Any]:
     )
     cfg.update(overrides)
     return cfg
+
+
+def find_exported_model(path: str) -> str:
+    """A model directory from ``path``: ``path`` itself when it holds a model (``config.json``), else the newest
+    ``hf_model`` that ``fit`` exported under the run directory ``path`` (``lightning_logs/version_N/hf_model``, the
+    highest N); anything else (a hub name, ``pkg:NAME``) is returned unchanged."""
+    expanded = os.path.expanduser(path)
+    if not os.path.isdir(expanded) or os.path.isfile(os.path.join(expanded, "config.json")):
+        return path
+    found = []
+    for root, dirs, files in os.walk(expanded):
+        if os.path.basename(root) == "hf_model" and "config.json" in files:
+            found.append(root)
+            dirs.clear()
+    if not found:
+        return path
+    return max(found, key=lambda d: (os.path.getmtime(os.path.join(d, "config.json")), d))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The ``model.dtype`` name of a torch dtype (``torch.bfloat16`` → ``"bfloat16"``)."""
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")

@@ -5,7 +5,7 @@ import torch
 
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.selection import (
-    global_top_ratio_mask,
+    batch_top_ratio_mask,
     kept_count,
     minmax_per_sample,
     sstoken_scores,
@@ -84,7 +84,7 @@ def test_top_ratio_picks_highest_scores():
 def test_global_ranking_uses_one_threshold():
     resp = torch.ones(2, 4, dtype=torch.bool)
     scores = torch.tensor([[0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.3, 0.4]])
-    keep = global_top_ratio_mask(scores, resp, 0.5)
+    keep = batch_top_ratio_mask(scores, resp, 0.5)
     assert keep.tolist() == [[True, True, True, True], [False, False, False, False]]
     per_sample = top_ratio_mask(scores, resp, 0.5)
     assert per_sample.sum(1).tolist() == [2, 2]

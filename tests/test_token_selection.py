@@ -1,5 +1,7 @@
 """TokenSelection wired into training, through ``sstoken_pl.token_loss``, in a module that is not sstoken_pl's."""
 
+import json
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -18,11 +20,13 @@ class SpySelection(TokenSelection):
         super().__init__(*args, **kwargs)
         self.seen = []
 
-    def select(self, pl_module, batch, token_nll, resp):
-        kept = super().select(pl_module, batch, token_nll, resp)
-        hist = self._history.history_nll(pl_module, batch) if self._history is not None else None
+    def select(self, pl_module, batch, inputs, resp):
+        token_nll = inputs["nll"]
+        kept = super().select(pl_module, batch, inputs, resp)
+        history, attention = self._providers.get("history_nll"), self._providers.get("attention")
+        hist = history.history_nll(pl_module, batch) if history is not None else None
         selecting = pl_module.trainer.global_step >= self.warmup_steps
-        attn = self._attention.scores(pl_module, batch) if self._attention is not None and selecting else None
+        attn = attention.scores(pl_module, batch) if attention is not None and selecting else None
         self.seen.append(
             dict(step=pl_module.trainer.global_step, resp=resp.clone(), kept=kept.clone(), nll=token_nll.detach(),
                  hist=hist, attn=attn, logged={k: float(v) for k, v in pl_module.trainer.callback_metrics.items()})
@@ -121,8 +125,8 @@ def test_attention_is_not_captured_during_warmup(tiny_llama, monkeypatch):
     assert len(calls) == 4, "the probe computes the attention score only for the batches that select"
 
 
-def test_batch_granularity_ranks_across_samples(tiny_llama):
-    spy = SpySelection(ratio=0.5, gamma=0.0, granularity="batch")
+def test_batch_rule_ranks_across_samples(tiny_llama):
+    spy = SpySelection(ratio=0.5, gamma=0.0, rule="batch_top")
     trainer(max_steps=1, callbacks=[AttentionScore(), spy]).fit(
         ForeignModule(tiny_llama), train_dataloaders=loader(random_batches(1))
     )
@@ -158,7 +162,9 @@ def test_missing_provider_is_named_at_fit_start(tiny_llama, callbacks, missing):
         trainer(max_steps=1, callbacks=callbacks).fit(ForeignModule(tiny_llama), train_dataloaders=loader(random_batches(1)))
 
 
-@pytest.mark.parametrize("kwargs", [{"ratio": 0.0}, {"ratio": 1.2}, {"gamma": -0.5}, {"gamma": 2}, {"warmup_steps": -1}, {"granularity": "token"}])
+@pytest.mark.parametrize("kwargs", [{"ratio": 0.0}, {"ratio": 1.2}, {"gamma": -0.5}, {"gamma": 2}, {"warmup_steps": -1}, {"rule": "token"},
+                                    {"method": "nope"}, {"method": "rho1", "gamma": 0.5}, {"early_fraction": 0.2},
+                                    {"method": "qtuning", "options": {"sample_ratio": 0}}, {"options": {"lambda": 1}}])
 def test_bad_arguments_fail_at_construction(kwargs):
     with pytest.raises(ValueError):
         TokenSelection(**kwargs)
@@ -177,3 +183,8 @@ def test_decoded_samples_are_logged(tiny_llama, tmp_path, byte_tok):
     # once per optimizer step, although each step saw two micro-batches
     assert [line for line in text.splitlines() if line.startswith("step ")] == ["step 0", "step 1", "step 2"]
     assert "[-" in text and "-]" in text
+    lines = [json.loads(l) for l in (tmp_path / "lightning_logs" / "version_0" / "selection_samples.jsonl").read_text().splitlines()]
+    assert {l["step"] for l in lines} == {0, 1, 2}
+    for line in lines:
+        assert len(line["tokens"]) == len(line["kept"]) and set(line["kept"]) <= {0, 1} and line["noise"] is None
+        assert 0 < sum(line["kept"]) < len(line["kept"])

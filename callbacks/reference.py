@@ -1,0 +1,143 @@
+"""``ReferenceModel``: the per-token NLL of a frozen reference model (Rho-1, TokenCleaning) for each training batch."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from sstoken_pl.errors import ConfigError
+from sstoken_pl.loss import per_token_nll
+from sstoken_pl.models import dtype_name, find_exported_model, load_causal_lm
+
+
+class ReferenceModel(Callback):
+    """Provides ``reference_nll``: a frozen reference model's per-token NLL of each training batch (no grad, eval).
+
+    Rho-1 and TokenCleaning score tokens against a reference model: the base model fine-tuned on a small clean,
+    trusted subset. Train one with this project (README, *Reference model*) and point ``path`` at the run.
+
+    Args:
+        path: what ``SFTModule`` loads a model from — a hub name, a local model directory, ``pkg:NAME`` — or a run
+            directory of this project (its newest exported ``lightning_logs/version_N/hf_model`` is used).
+        gguf_file: a GGUF file inside ``path`` (as ``model.gguf_file``).
+        dtype: parameter dtype of the reference; default: the trained model's.
+        model_attr: the attribute of the LightningModule that holds the trained Hugging Face model (for its
+            device, dtype and vocabulary).
+        check_tokenizer: refuse a reference whose tokenizer differs from the trained model's (when the reference
+            ships one); the vocabulary sizes are always checked.
+
+    The model is loaded at fit start onto the trained model's device and freed at teardown. Its weights are not
+    saved in checkpoints (they are frozen and reloaded from ``path``); the path is, and a resume with another path
+    warns.
+    """
+
+    provides = ("reference_nll",)
+
+    def __init__(
+        self,
+        path: str,
+        gguf_file: Optional[str] = None,
+        dtype: Optional[str] = None,
+        model_attr: str = "model",
+        check_tokenizer: bool = True,
+    ) -> None:
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"ReferenceModel.path must be a model path or name, got {path!r}")
+        self.path = path
+        self.gguf_file = gguf_file
+        self.dtype = dtype
+        self.model_attr = model_attr
+        self.check_tokenizer = check_tokenizer
+        self.model: torch.nn.Module | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ life cycle
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trained = getattr(pl_module, self.model_attr, None)
+        if not isinstance(trained, torch.nn.Module):
+            raise ConfigError(
+                f"ReferenceModel: {type(pl_module).__name__}.{self.model_attr} is not a torch module; set model_attr"
+            )
+        param = next(trained.parameters())
+        source = find_exported_model(self.path)
+        where = f"ReferenceModel(path={self.path!r})"
+        try:
+            model = load_causal_lm(source, gguf_file=self.gguf_file, dtype=self.dtype or dtype_name(param.dtype))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        ours = trained.get_output_embeddings().weight.shape[0]
+        theirs = model.get_output_embeddings().weight.shape[0]
+        if ours != theirs:
+            raise ConfigError(
+                f"{where}: its vocabulary has {theirs} tokens, the trained model's {ours}; a reference must share the "
+                f"trained model's tokenizer"
+            )
+        if self.check_tokenizer:
+            self._check_tokenizer(trainer, pl_module, source, where)
+        model.requires_grad_(False)
+        self.model = model.to(param.device).eval()
+        rank_zero_info(f"ReferenceModel: loaded {source}")
+
+    def _check_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: str, where: str) -> None:
+        ours = getattr(pl_module, "tokenizer", None) or getattr(trainer.datamodule, "tokenizer", None)
+        if ours is None:
+            return
+        from sstoken_pl.tokenizer import load_tokenizer
+
+        try:
+            theirs = load_tokenizer(source, gguf_file=self.gguf_file)
+        except ConfigError:
+            return  # the reference ships no tokenizer: the vocabulary size check is all we can do
+        a, b = ours.get_vocab(), theirs.get_vocab()
+        if a != b:
+            differ = sorted(set(a.items()) ^ set(b.items()), key=str)
+            raise ConfigError(
+                f"{where}: its tokenizer differs from the trained model's ({len(differ)} token entries differ, e.g. "
+                f"{differ[:2]}); a reference must share the trained model's tokenizer (train it with this project "
+                f"from the same base model)"
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.model = None
+        self._cache = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._cache = None
+
+    # ------------------------------------------------------------------ the provided quantity
+    @torch.no_grad()
+    def reference_nll(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``FloatTensor[B, T]``: the reference model's per-token NLL of this batch (aligned with ``labels``),
+        computed once per batch and cached until the batch ends."""
+        key = batch["input_ids"]
+        if self._cache is not None and self._cache[0] is key:
+            return self._cache[1]
+        if self.model is None:
+            raise RuntimeError("ReferenceModel: no model loaded (it is loaded at fit start)")
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        nll = per_token_nll(out.logits, batch["labels"])
+        self._cache = (key, nll)
+        return nll
+
+    def token_input(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The provider protocol of ``TokenSelection``: ``reference_nll`` for this batch."""
+        if name != "reference_nll":
+            raise KeyError(f"ReferenceModel provides reference_nll, not {name!r}")
+        return self.reference_nll(pl_module, batch)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "gguf_file": self.gguf_file}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("path") != self.path:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                f"ReferenceModel: the checkpoint was trained against reference {state_dict.get('path')!r}, this run "
+                f"uses {self.path!r}"
+            )
