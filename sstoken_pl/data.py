@@ -16,6 +16,10 @@ file; a directory of them, whose splits are inferred from file names as Hugging 
 hub dataset name. Without ``data.val_path`` the validation records are the source's validation split, else its test
 split, else a seeded ``val_size`` share held out of the training records.
 
+On the built-in task, training batches also carry ``noise`` (``BoolTensor[B, T]``, aligned with ``labels``): True on
+response tokens that overlap injected noise (the ground truth of the synthetic task's ``noise_spans``), for
+measuring what a selection method drops. File datasets have no such key.
+
 Samples are rendered and labelled by ``sstoken_pl.templates`` (the tokenizer's chat template, or the plain
 ``### Instruction:`` / ``### Response:`` template). Batches are dicts of ``LongTensor``: ``input_ids``,
 ``attention_mask``, ``labels`` (``[B, T]``, right-padded to the longest sample; ``labels`` is ``-100`` on prompt
@@ -266,7 +270,35 @@ class SFTCollator:
             attention_mask[i, :n] = 1
             labels[i, :n] = torch.tensor(s["labels"], dtype=torch.long)
         index = torch.tensor([s["index"] for s in samples], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
+        if all(s.get("noise") is not None for s in samples):
+            noise = torch.zeros((len(samples), width), dtype=torch.bool)
+            for i, s in enumerate(samples):
+                noise[i, : len(s["noise"])] = torch.tensor(s["noise"], dtype=torch.bool)
+            batch["noise"] = noise
+        return batch
+
+
+def noise_flags(
+    input_ids: Sequence[int], labels: Sequence[int], completion: str, spans: Sequence[Sequence[int]], tokenizer: Any
+) -> Optional[list[int]]:
+    """Per token, 1 where a response token's text overlaps a noise span ``[start, end)`` of ``completion``.
+
+    The response tokens (``labels != -100``) start at the completion; each is decoded on its own and the lengths
+    accumulated to place it in the completion. ``None`` when the decoded response does not match the completion
+    (a tokenizer whose pieces do not round-trip), so the caller can count it.
+    """
+    flags = [0] * len(input_ids)
+    positions = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    offset, text = 0, ""
+    for i in positions:
+        piece = tokenizer.decode([input_ids[i]])
+        start, end = offset, offset + len(piece)
+        offset, text = end, text + piece
+        if start < len(completion) and any(a < end and start < b for a, b in spans):
+            flags[i] = 1
+    n = min(len(text), len(completion))
+    return flags if text[:n] == completion[:n] and n > 0 else None
 
 
 class SFTDataModule(pl.LightningDataModule):
@@ -394,6 +426,8 @@ class SFTDataModule(pl.LightningDataModule):
                         "answer": r["answer"],
                         "index": i,
                         "where": f"synthetic {split} problem {i + 1}",
+                        "completion": r["completion"],
+                        "noise_spans": r["noise_spans"],
                     }
                     for i, r in enumerate(self.synthetic.records(split))
                 ][: self.max_samples]
@@ -426,20 +460,39 @@ class SFTDataModule(pl.LightningDataModule):
         """
         import datasets
 
+        known_noise = split == "train" and bool(samples) and "noise_spans" in samples[0]
+        unmatched = 0
+
         def encode(sample: dict[str, Any]) -> dict[str, Any]:
+            nonlocal unmatched
             try:
                 ids, labels = encode_messages(sample["messages"], self.tokenizer, self.max_length)
             except DataError as err:
                 raise DataError(f"{sample['where']}: {err}") from None
-            return {"input_ids": ids, "labels": labels, "n_response": sum(l != IGNORE_INDEX for l in labels[1:])}
+            out = {"input_ids": ids, "labels": labels, "n_response": sum(l != IGNORE_INDEX for l in labels[1:])}
+            if known_noise:
+                flags = noise_flags(ids, labels, sample["completion"], sample["noise_spans"], self.tokenizer)
+                if flags is None:
+                    unmatched += 1
+                out["noise"] = flags or [0] * len(ids)
+            return out
 
-        dataset = datasets.Dataset.from_list(samples).map(
+        extra = [c for c in ("completion", "noise_spans") if samples and c in samples[0]]
+        rows = [{k: v for k, v in s.items() if k != "noise_spans"} for s in samples] if not known_noise else samples
+        if not known_noise:
+            extra = [c for c in extra if c != "noise_spans"]
+        dataset = datasets.Dataset.from_list(rows).map(
             encode,
-            remove_columns=["messages", "answer", "where"],
+            remove_columns=["messages", "answer", "where", *extra],
             keep_in_memory=True,
             new_fingerprint=f"sstoken-{split}",  # no hashing of the tokenizer; nothing is cached
             desc=f"Tokenising {split} data",
         )
+        if unmatched:
+            rank_zero_warn(
+                f"data: the noise labels of {unmatched} {split} samples could not be placed on their tokens (the "
+                f"tokenizer's pieces do not decode back to the text); they count as clean"
+            )
         kept = [i for i, n in enumerate(dataset["n_response"]) if n > 0]
         self.dropped[split] = len(dataset) - len(kept)
         if not kept:

@@ -12,8 +12,14 @@ the two splits never share a key, and the validation split does not depend on ``
 
 A share ``noise`` of the *training* responses is noised: filler sentences ("Let me think about this carefully.")
 and runs of random characters are inserted among the solution's sentences, before the final ``#### <answer>``
-line, which stays correct. The validation responses are never noised. Which problems are noised, and how, is drawn
-from a random stream separate from the problems', so the same seed gives the same problems at every noise level.
+line, which stays correct. A share ``label_noise`` of the training responses gets a wrong label: the final
+computation's result and the ``#### <answer>`` become the same wrong number. The validation responses are never
+noised. Which problems are noised, and how, is drawn from random streams separate from the problems' and from each
+other, so the same seed gives the same problems at every noise level, and the same filler noise at every label-noise
+level (and vice versa).
+
+Every record carries the ground truth of its noise: ``noise_spans``, the ``[start, end)`` character spans of the
+completion that are injected (each filler piece, and the wrong result's and wrong answer's digits).
 """
 
 from __future__ import annotations
@@ -190,12 +196,37 @@ def _noise_piece(rng: random.Random) -> str:
     return " ".join(words)
 
 
-def _noised(sentences: list[str], rng: random.Random) -> list[str]:
-    """The solution's sentences with 1 to 3 noise pieces inserted at random places among them."""
-    out = list(sentences)
+# A piece of a solution: its text and the [start, end) character spans inside it that are noise.
+_Piece = tuple[str, list[tuple[int, int]]]
+
+
+def _noised(pieces: list[_Piece], rng: random.Random) -> list[_Piece]:
+    """The solution's sentences with 1 to 3 noise pieces (wholly noise) inserted at random places among them."""
+    out = list(pieces)
     for _ in range(rng.randint(1, 3)):
-        out.insert(rng.randint(0, len(out)), _noise_piece(rng))
+        at = rng.randint(0, len(out))  # drawn before the piece, as always: the same seed gives the same noise
+        text = _noise_piece(rng)
+        out.insert(at, (text, [(0, len(text))]))
     return out
+
+
+def _wrong_answer(answer: int, rng: random.Random) -> int:
+    """A wrong answer near the true one: answer ± 1..9, never negative."""
+    offset = rng.choice([d for d in range(-9, 10) if d != 0])
+    return answer + offset if answer + offset >= 0 else answer + abs(offset)
+
+
+def _mislabelled(sentences: list[str], answer: int, wrong: int) -> list[_Piece]:
+    """The sentences with the final computation's result (the last ``= <answer>``) replaced by ``wrong``."""
+    pieces: list[_Piece] = [(s, []) for s in sentences]
+    last = sentences[-1]
+    at = last.rfind(f"= {answer}")
+    if at < 0:
+        raise ValueError(f"synthetic: no '= {answer}' in the last sentence {last!r}")
+    start = at + 2
+    text = last[:start] + str(wrong) + last[start + len(str(answer)) :]
+    pieces[-1] = (text, [(start, start + len(str(wrong)))])
+    return pieces
 
 
 @dataclass
@@ -207,12 +238,15 @@ class SyntheticTask:
         num_val: number of held-out problems (validation loss and answer accuracy); never noised.
         noise: share in [0, 1] of the training responses with filler sentences and random characters inserted
             before the final ``#### <answer>`` line.
+        label_noise: share in [0, 1] of the training responses whose final result and ``#### <answer>`` are
+            replaced by the same wrong number (answer ± 1..9); the record's ``answer`` field stays the true one.
         seed: the problems (and the noise) are a function of this seed.
     """
 
     num_train: int = 2000
     num_val: int = 200
     noise: float = 0.3
+    label_noise: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -220,8 +254,10 @@ class SyntheticTask:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"data.synthetic.{field} must be a positive integer, got {value!r}")
-        if not 0.0 <= self.noise <= 1.0:
-            raise ConfigError(f"data.synthetic.noise must be in [0, 1], got {self.noise!r}")
+        for field in ("noise", "label_noise"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"data.synthetic.{field} must be in [0, 1], got {value!r}")
 
     def _problems(self) -> list[tuple[str, list[str], int]]:
         """``num_val + num_train`` problems with distinct (template, numbers) keys, validation ones first."""
@@ -247,21 +283,39 @@ class SyntheticTask:
             problems.append(write(name, pronoun, item, n))
         return problems
 
-    def records(self, split: str) -> list[dict[str, str]]:
-        """The ``"train"`` or ``"val"`` problems as ``{"prompt", "completion", "answer"}`` records."""
+    def records(self, split: str) -> list[dict]:
+        """The ``"train"`` or ``"val"`` problems as ``{"prompt", "completion", "answer", "noise_spans"}`` records."""
         if split not in ("train", "val"):
             raise ValueError(f"SyntheticTask.records: split must be 'train' or 'val', got {split!r}")
         problems = self._problems()
         if split == "val":
-            return [_record(q, sentences, answer) for q, sentences, answer in problems[: self.num_val]]
+            return [_record(q, [(s, []) for s in sentences], answer, answer) for q, sentences, answer in problems[: self.num_val]]
         train = problems[self.num_val :]
         noise_rng = random.Random(f"{self.seed}-noise")
         noised = set(noise_rng.sample(range(len(train)), round(self.noise * len(train))))
-        return [
-            _record(q, _noised(sentences, noise_rng) if i in noised else sentences, answer)
-            for i, (q, sentences, answer) in enumerate(train)
-        ]
+        label_rng = random.Random(f"{self.seed}-label-noise")
+        mislabelled = sorted(label_rng.sample(range(len(train)), round(self.label_noise * len(train))))
+        wrong = {i: _wrong_answer(train[i][2], label_rng) for i in mislabelled}
+        records = []
+        for i, (q, sentences, answer) in enumerate(train):
+            shown = wrong.get(i, answer)
+            pieces = _mislabelled(sentences, answer, shown) if i in wrong else [(s, []) for s in sentences]
+            if i in noised:
+                pieces = _noised(pieces, noise_rng)
+            records.append(_record(q, pieces, answer, shown))
+        return records
 
 
-def _record(question: str, sentences: list[str], answer: int) -> dict[str, str]:
-    return {"prompt": question, "completion": " ".join(sentences) + f"\n#### {answer}", "answer": str(answer)}
+def _record(question: str, pieces: list[_Piece], answer: int, shown: int) -> dict:
+    """A record from the solution's pieces; ``shown`` is the answer the response states (wrong under label noise)."""
+    text, spans = "", []
+    for piece, piece_spans in pieces:
+        if text:
+            text += " "
+        spans += [(len(text) + a, len(text) + b) for a, b in piece_spans]
+        text += piece
+    text += "\n#### "
+    if shown != answer:
+        spans.append((len(text), len(text) + len(str(shown))))
+    text += str(shown)
+    return {"prompt": question, "completion": text, "answer": str(answer), "noise_spans": [list(s) for s in spans]}

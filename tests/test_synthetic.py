@@ -32,7 +32,7 @@ def test_sizes_and_fields():
     task = SyntheticTask(num_train=150, num_val=30)
     train, val = task.records("train"), task.records("val")
     assert (len(train), len(val)) == (150, 30)
-    assert all(set(r) == {"prompt", "completion", "answer"} for r in train + val)
+    assert all(set(r) == {"prompt", "completion", "answer", "noise_spans"} for r in train + val)
     # Several templates are used: many different problem shapes in each split.
     assert len({problem_key(r["prompt"])[0] for r in train}) >= 6
 
