@@ -64,9 +64,11 @@ class AnswerAccuracy(Callback):
         num_problems: how many held-out problems; 0 turns the evaluation off.
         max_new_tokens: generation budget per problem.
         batch_size: problems generated together.
+        before: also evaluate at fit start (the base model); off saves one evaluation when comparing many runs of
+            the same base model.
     """
 
-    def __init__(self, num_problems: int = 64, max_new_tokens: int = 128, batch_size: int = 16) -> None:
+    def __init__(self, num_problems: int = 64, max_new_tokens: int = 128, batch_size: int = 16, before: bool = True) -> None:
         if num_problems < 0 or max_new_tokens < 1 or batch_size < 1:
             raise ConfigError(
                 "AnswerAccuracy: num_problems must be ≥ 0, max_new_tokens and batch_size ≥ 1 "
@@ -75,6 +77,7 @@ class AnswerAccuracy(Callback):
         self.num_problems = num_problems
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.before = before
         self.results: dict[str, float] = {}
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, int]:
@@ -110,7 +113,8 @@ class AnswerAccuracy(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._run(trainer, pl_module, "before")
+        if self.before:
+            self._run(trainer, pl_module, "before")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run(trainer, pl_module, "after")
