@@ -1,4 +1,11 @@
-from sstoken_pl.cli import main
+import sys
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["evaluate"]:
+        from sstoken_pl.eval_cli import main as evaluate
+
+        evaluate(sys.argv[2:])
+    else:
+        from sstoken_pl.cli import main
+
+        main()

@@ -542,17 +542,40 @@ class SFTDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
     # ------------------------------------------------------------------ evaluation
-    def eval_problems(self, limit: Optional[int] = None) -> list[dict[str, Any]]:
-        """Held-out problems for generation-based accuracy, in validation order: ``{"prompt_ids", "answer"}``.
+    def eval_problems(self, limit: Optional[int] = None, split: str = "validation") -> list[dict[str, Any]]:
+        """Held-out problems for generation-based accuracy, in file order: ``{"prompt_ids", "prompt", "answer",
+        "index"}``.
 
-        ``prompt_ids`` prompts the model for the last assistant turn; ``answer`` is the gold final answer (the
-        synthetic task's number, the text after GSM8K's ``####`` without commas, else the whole reference
-        response).
+        ``split``: ``validation`` — what the module validates on (the source's validation split, else its test
+        split, else the held-out share; the synthetic task's validation problems); ``test`` — the source's test
+        split (a file or folder with a ``test*`` file). ``prompt_ids`` prompts the model for the last assistant
+        turn; ``prompt`` is that turn's user message; ``answer`` is the gold final answer (the synthetic task's
+        number, the text after GSM8K's ``####`` without commas, else the whole reference response).
         """
-        self.setup()
+        if split not in ("validation", "test"):
+            raise ConfigError(f"split must be 'validation' or 'test', got {split!r}")
+        if self.tokenizer is None:
+            self.tokenizer = self._resolve_tokenizer()
+        if split == "validation":
+            samples = self.val_samples or self._load_samples()[1]  # no tokenising of the training data
+        else:
+            if self.path is None:
+                raise DataError("the built-in synthetic task has no test split; use split 'validation'")
+            splits = load_splits(self.path)
+            if "test" not in splits:
+                raise DataError(f"{self.path}: no test split (only {sorted(splits)}); name a file test*.jsonl")
+            samples = self._samples(splits["test"], f"test ({self.path})")
+        if not samples:
+            raise DataError("the held-out split is empty")
         problems = []
-        for sample in self.val_samples[:limit]:
+        for sample in samples[:limit]:
             messages = sample["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            problems.append({"prompt_ids": prompt_ids(messages[:last], self.tokenizer), "answer": sample["answer"]})
+            problems.append({
+                "prompt_ids": prompt_ids(messages[:last], self.tokenizer),
+                "prompt": messages[last - 1]["content"] if last else "",
+                "answer": sample["answer"],
+                "index": sample["index"],
+            })
         return problems
+

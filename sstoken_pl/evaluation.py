@@ -30,9 +30,15 @@ def answers_match(predicted: Optional[str], gold: str) -> bool:
 
 @torch.no_grad()
 def generate_answers(
-    model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Any = None,
 ) -> list[str]:
-    """Greedy completions of token-id prompts (left-padded batches), decoded without special tokens."""
+    """Greedy completions of token-id prompts (left-padded batches), decoded without special tokens.
+    ``progress(n)`` is called after each batch with the number of prompts done in it."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     outputs: list[str] = []
@@ -53,6 +59,8 @@ def generate_answers(
             eos_token_id=tokenizer.eos_token_id,
         )
         outputs.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
+        if progress is not None:
+            progress(len(chunk))
     return outputs
 
 

@@ -1,0 +1,71 @@
+"""``tools/compare.py``: an end-to-end comparison on the tiny config, resuming, and its report builders."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from tests.test_cli import ROOT
+from tests.test_tools import tool
+
+spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "tools", "compare.py"))
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+EXTRA = ("--data.synthetic.num_train=64 --data.synthetic.noise=0.5 --data.synthetic.label_noise=0.3 "
+         "--trainer.val_check_interval=2 --trainer.limit_val_batches=1 --eval.num_problems=2 --eval.max_new_tokens=4")
+
+
+def test_compare_end_to_end_and_resume(tmp_path):
+    args = ["--config", "configs/tiny.yaml", "--methods", "full", "random", "rho1", "--seeds", "0", "--out", str(tmp_path),
+            "--max-steps", "4", "--extra", EXTRA, "--log-samples-every", "2", "--html-samples", "2"]
+    out = tool("compare.py", *args, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
+    table = (tmp_path / "results.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"method", "full", "random", "rho1"}
+    assert "exact match" in rows["method"] and "noise dropped" in rows["method"]
+    cells = [c.strip() for c in rows["random"].split("|")[1:-1]]
+    assert 0.55 < float(cells[1]) < 0.7 and 0 < float(cells[2]) < 1 and cells[6].endswith("(n=1)")
+    assert [c.strip() for c in rows["full"].split("|")[2:5]] == ["1.000", "0.000", "1.000"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["rows"]) == {"full", "random", "rho1"} and results["runs"]["rho1"]["0"]["val_curve"]
+    assert (tmp_path / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "samples.html").read_text()
+    assert page.count("class='sample'") == 2 and "class=\"dropped" in page and "noise" in page
+    assert (tmp_path / "reference" / "done.json").is_file(), "rho1 needed a reference, trained once"
+    versions = sorted(p for p in tmp_path.rglob("version_*"))
+    again = tool("compare.py", *args, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("reusing") == 4, again.stdout
+    assert sorted(p for p in tmp_path.rglob("version_*")) == versions, "finished runs are not redone"
+
+
+def test_a_failed_run_is_one_line_naming_its_log(tmp_path):
+    out = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", "full", "--out", str(tmp_path),
+               "--extra=--data.synthetic.noise=2")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "failed" in out.stderr and "log.txt" in out.stderr and "noise must be in [0, 1]" in out.stderr
+
+
+def test_table_and_html_builders():
+    results = {
+        "full": {0: dict(kept_fraction=None, noise_dropped=None, clean_kept=None, train_loss=1.0, val_loss=2.0, val_curve=[(10, 2.0)],
+                         accuracy_before=0.1, accuracy_after=0.5, step_time=1.0)},
+        "sstoken": {s: dict(kept_fraction=0.6, noise_dropped=0.5, clean_kept=0.6, train_loss=0.5, val_loss=2.5, val_curve=[(10, 2.5)],
+                            accuracy_before=None, accuracy_after=a, step_time=1.5) for s, a in [(0, 0.2), (1, 0.4)]},
+    }
+    rows = compare.aggregate(results)
+    assert rows["sstoken"]["acc_mean"] == pytest.approx(0.3) and rows["sstoken"]["acc_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert rows["sstoken"]["time_ratio"] == pytest.approx(1.5) and rows["full"]["noise_dropped"] == 0.0
+    table = compare.markdown_table(rows)
+    assert "| sstoken | 0.600 | 0.500 | 0.600 | 0.500 | 2.500 | 30.0% ± 14.1 (n=2) | 1.50× |" in table
+    samples = {
+        "full": [],
+        "sstoken": [{"step": 10, "index": 3, "tokens": ["<b>", " & ", "x"], "kept": [1, 0, 1], "noise": [0, 1, 0]}],
+    }
+    page = compare.samples_html(samples, ["full", "sstoken"], 4, "t")
+    assert "&lt;b&gt;" in page and "<b>x" not in page
+    assert '<span class="dropped noise"> &amp; </span>' in page
+    assert page.count('<span class="kept">&lt;b&gt;</span>') == 2, "full's row keeps every token"
+    assert "No run logged" in compare.samples_html({"full": []}, ["full"], 4, "t")
