@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sstoken_pl import selection
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import per_token_nll, response_mask as response_positions
+from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, response_mask as response_positions
 from sstoken_pl.methods import CURRENT_INPUTS, PROVIDERS, RULES, get_method, resolve_options
 
 Rule = Literal["sample_top", "batch_top", "global_threshold", "weights"]
@@ -48,6 +48,11 @@ class TokenSelection(Callback):
         threshold_batches: ``global_threshold`` only: batches of the (unshuffled) training set scored to find the
             threshold; default: all of it.
         seed: seeds the random tie-breaking and the ``random`` method (a draw per step, reproducible on resume).
+        loss_normalization: ``step`` (default): the loss is the mean NLL over the kept tokens of the whole optimizer
+            step — every micro-batch of gradient accumulation and every rank weigh each kept token alike, whatever
+            each micro-batch kept (``sstoken_pl.loss.StepTokenMean``); ``micro_batch``: the mean over each
+            micro-batch's kept tokens, as the authors' code trains (a token of a micro-batch that kept few tokens
+            weighs more).
         log_samples_every: every this many optimizer steps, log a few decoded samples with dropped tokens marked
             ``[-like this-]`` (TensorBoard text, or ``selection_samples.txt``) and, token by token, to
             ``selection_samples.jsonl`` in the run directory; 0 turns it off.
@@ -72,10 +77,13 @@ class TokenSelection(Callback):
         options: Optional[dict[str, Any]] = None,
         threshold_batches: Optional[int] = None,
         seed: int = 0,
+        loss_normalization: Literal["step", "micro_batch"] = "step",
         log_samples_every: int = 0,
         num_log_samples: int = 2,
     ) -> None:
         self.method_name = method
+        self.loss_normalization = check_loss_normalization(loss_normalization, "TokenSelection.loss_normalization")
+        self.token_step = StepTokenMean()
         self.method = get_method(method)
         self.ratio = selection.check_ratio(ratio, "TokenSelection.ratio")
         self.rule = rule or self.method.rule
@@ -258,6 +266,9 @@ class TokenSelection(Callback):
     def _log(pl_module: pl.LightningModule, stats: dict[str, torch.Tensor]) -> None:
         for name, value in stats.items():
             pl_module.log(name, value.float(), on_step=True, on_epoch=False, prog_bar=name.endswith("kept_fraction"))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.token_step.finish(trainer, optimizer)  # the step's token-weighted mean (loss_normalization: step)
 
     # ------------------------------------------------------------------ global threshold (TokenCleaning)
     @torch.no_grad()

@@ -8,7 +8,7 @@ a response position (nothing predicts it).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Literal, Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -113,6 +113,50 @@ def per_token_nll(
     return _ShiftedNLL.apply(logits.contiguous(), labels, chunk_size, with_entropy)
 
 
+LossNormalization = Literal["step", "micro_batch"]
+LOSS_NORMALIZATIONS = ("step", "micro_batch")
+
+
+class StepTokenMean:
+    """Makes the training loss the mean NLL over all kept tokens of the optimizer step: every micro-batch of a
+    gradient-accumulation window and every rank weigh each kept token alike (``loss_normalization: step``).
+
+    Each micro-batch's loss keeps the value of its own mean (for logging) but the gradient of its *sum*, and its kept
+    count is added up; at ``finish`` (``on_before_optimizer_step``, after the last backward and before gradient
+    clipping) the count is all-reduced once and the gradients are scaled by ``A·W / N`` (``A``: accumulation steps,
+    which Lightning divides each loss by; ``W``: ranks, which DDP/FSDP average over; ``N``: kept tokens of the step
+    on all ranks) — the token-weighted mean, as current Hugging Face training computes it. No host sync.
+    Assumes Lightning's automatic optimization (``token_loss`` falls back to the per-micro-batch mean otherwise).
+    """
+
+    def __init__(self) -> None:
+        self.count: torch.Tensor | None = None
+
+    def loss(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        count = count.detach().float()
+        self.count = count if self.count is None else self.count + count
+        mean = (total / count.clamp(min=1e-12)).detach()
+        return total - total.detach() + torch.where(count > 0, mean, torch.zeros_like(mean))
+
+    def finish(self, trainer: Any, optimizer: Any) -> None:
+        if self.count is None:
+            return  # nothing went through this owner in this step
+        count, self.count = self.count, None
+        total = trainer.strategy.reduce(count, reduce_op="sum") if trainer.world_size > 1 else count
+        scale = trainer.accumulate_grad_batches * trainer.world_size / total.clamp(min=1.0)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.to(grads[0].device))
+
+
+def check_loss_normalization(value: str, name: str) -> str:
+    if value not in LOSS_NORMALIZATIONS:
+        from sstoken_pl.errors import ConfigError
+
+        raise ConfigError(f"{name} must be 'step' or 'micro_batch', got {value!r}")
+    return value
+
+
 @runtime_checkable
 class TokenSelector(Protocol):
     """What ``token_loss`` asks of a selection callback (``sstoken_pl.callbacks.TokenSelection`` implements it).
@@ -149,20 +193,34 @@ def token_loss(pl_module: Any, batch: Mapping[str, torch.Tensor], logits: torch.
     plain SFT. With one, its mask (computed from this batch's per-token inputs, before backward) picks the kept
     tokens; a selector that weights rather than drops gives the weighted mean ``Σ w·NLL / Σ w``. A batch with no
     kept token gives a zero loss (with a graph), never NaN.
+
+    The mean is over the kept tokens of the whole optimizer step (all micro-batches, all ranks: ``StepTokenMean``)
+    when the selector — or, without one, the module — has ``loss_normalization == "step"`` (the default of
+    ``TokenSelection`` and ``SFTModule``); otherwise, and in a module of your own without a selector, over the
+    micro-batch (the authors' choice: ``loss_normalization: micro_batch``). The returned value is always the
+    micro-batch's mean, for logging.
     """
     labels = batch["labels"]
     mask = response_mask(labels)
     selector = token_selector(pl_module)
     trainer = getattr(pl_module, "_trainer", None)
-    if selector is None or not (pl_module.training and trainer is not None and trainer.training):
+    training = pl_module.training and trainer is not None and trainer.training
+    if selector is None or not training:
         nll = per_token_nll(logits, labels)
-        return (nll * mask).sum() / mask.sum().clamp(min=1)
-    if "entropy" in selector.current_inputs:
-        nll, entropy = per_token_nll(logits, labels, with_entropy=True)
-        inputs = {"nll": nll, "entropy": entropy}
+        weights = mask.to(nll.dtype)
     else:
-        nll = per_token_nll(logits, labels)
-        inputs = {"nll": nll}
-    weights = selector.select(pl_module, batch, inputs, mask).to(nll.dtype)
-    total = weights.sum()
-    return (nll * weights).sum() / torch.where(total > 0, total, torch.ones_like(total))
+        if "entropy" in selector.current_inputs:
+            nll, entropy = per_token_nll(logits, labels, with_entropy=True)
+            inputs = {"nll": nll, "entropy": entropy}
+        else:
+            nll = per_token_nll(logits, labels)
+            inputs = {"nll": nll}
+        weights = selector.select(pl_module, batch, inputs, mask).to(nll.dtype)
+    total, count = (nll * weights).sum(), weights.sum()
+    owner = selector if selector is not None else pl_module
+    step = getattr(owner, "token_step", None)
+    if training and isinstance(step, StepTokenMean) and getattr(owner, "loss_normalization", None) == "step" and getattr(
+        pl_module, "automatic_optimization", True
+    ):
+        return step.loss(total, count)
+    return total / torch.where(count > 0, count, torch.ones_like(count))

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import per_token_nll, response_mask, token_loss
+from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, response_mask, token_loss
 from sstoken_pl.models import load_causal_lm, torch_dtype
 from sstoken_pl.tokenizer import load_tokenizer
 
@@ -69,6 +69,9 @@ class SFTModule(pl.LightningModule):
         export: save the fine-tuned model (LoRA merged) and tokenizer in Hugging Face format into
             ``<run dir>/hf_model`` at the end of ``fit``.
         init_seed: seed of the random initialisation when built from ``model_config``.
+        loss_normalization: without a ``TokenSelection`` callback, ``step`` (default) averages the NLL over all
+            response tokens of the optimizer step (every micro-batch and rank alike), ``micro_batch`` over each
+            micro-batch's. With one, the callback's own setting applies.
     """
 
     def __init__(
@@ -88,8 +91,11 @@ class SFTModule(pl.LightningModule):
         schedule: Literal["linear", "cosine", "constant"] = "linear",
         export: bool = True,
         init_seed: int = 0,
+        loss_normalization: Literal["step", "micro_batch"] = "step",
     ) -> None:
         super().__init__()
+        self.loss_normalization = check_loss_normalization(loss_normalization, "model.loss_normalization")
+        self.token_step = StepTokenMean()
         if (model_name_or_path is None) == (model_config is None):
             raise ConfigError("model: give exactly one of model_name_or_path and model_config")
         if not (0.0 <= warmup_ratio < 1.0):
@@ -166,6 +172,9 @@ class SFTModule(pl.LightningModule):
         loss = token_loss(self, batch, logits)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.token_step.finish(self.trainer, optimizer)  # plain SFT's step-wide token mean (loss_normalization)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])
