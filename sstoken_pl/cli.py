@@ -39,6 +39,32 @@ class SSTokenCLI(LightningCLI):
                 )
         return super().instantiate_trainer(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters while parsing: check the file before it does
+        if self.config.get("subcommand"):
+            check_checkpoint(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
+
+def check_checkpoint(path) -> None:
+    """``ckpt_path`` must be a readable Lightning checkpoint: one clear error naming the file otherwise (a sharded
+    checkpoint directory, and Lightning's keywords ``last``/``best``/``hpc``/``registry``, are left to Lightning)."""
+    if not path or not isinstance(path, str) or path in ("last", "best", "hpc", "registry") or os.path.isdir(path):
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(f"ckpt_path: no such file {path}")
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever breaks the load, the file is the user's input
+        raise ConfigError(
+            f"ckpt_path: {path} is not a readable PyTorch checkpoint: corrupted, truncated, or not written by "
+            f"torch.save ({type(err).__name__})"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "pytorch-lightning_version" not in ckpt:
+        raise ConfigError(f"ckpt_path: {path} is not a Lightning checkpoint (no state_dict / pytorch-lightning_version)")
+
 
 # Deprecation chatter from the libraries' own internals, which a user cannot act on.
 _QUIET = [

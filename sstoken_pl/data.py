@@ -518,6 +518,7 @@ class SFTDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
+        self._check_val_interval()
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
@@ -526,6 +527,20 @@ class SFTDataModule(pl.LightningDataModule):
             collate_fn=SFTCollator(self.pad_token_id),
             num_workers=self.num_workers,
         )
+
+    def _check_val_interval(self) -> None:
+        """A ``trainer.val_check_interval`` (in batches) longer than an epoch is one clear error, not a traceback."""
+        trainer = self.trainer
+        interval = getattr(trainer, "val_check_interval", None) if trainer is not None else None
+        if not isinstance(interval, int) or isinstance(interval, bool) or trainer.check_val_every_n_epoch is None:
+            return
+        batches = -(-len(self.train_dataset) // self.batch_size)
+        if trainer.limit_val_batches != 0 and interval > batches:
+            raise DataError(
+                f"the training data has {len(self.train_dataset)} samples = {batches} batches of {self.batch_size}, "
+                f"fewer than trainer.val_check_interval={interval}; lower val_check_interval, add data, or set "
+                f"trainer.check_val_every_n_epoch: null to count it across epochs"
+            )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
 from sstoken_pl.errors import ConfigError
@@ -96,6 +96,7 @@ class SFTModule(pl.LightningModule):
         super().__init__()
         self.loss_normalization = check_loss_normalization(loss_normalization, "model.loss_normalization")
         self.token_step = StepTokenMean()
+        self.skipped_nonfinite = 0
         if (model_name_or_path is None) == (model_config is None):
             raise ConfigError("model: give exactly one of model_name_or_path and model_config")
         if not (0.0 <= warmup_ratio < 1.0):
@@ -167,9 +168,24 @@ class SFTModule(pl.LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     # ------------------------------------------------------------------ steps
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def on_fit_start(self) -> None:
+        """Refuses, with one clear error each, settings that would train silently wrong or turn NaN."""
+        check_fit_settings(self, self.trainer)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"])
         loss = token_loss(self, batch, logits)
+        finite = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:  # every rank skips together, or DDP would wait forever
+            finite = self.trainer.strategy.reduce(finite, reduce_op="min")
+        if not bool(finite):  # one host sync per micro-batch: a NaN/inf never reaches the weights or the EMA
+            self.skipped_nonfinite += 1
+            rank_zero_warn(
+                f"train: non-finite loss at step {self.trainer.global_step} (batch {batch_idx}); skipped this batch "
+                f"({self.skipped_nonfinite} so far)"
+            )
+            self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=batch["input_ids"].shape[0])
+            return None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -225,6 +241,30 @@ class SFTModule(pl.LightningModule):
             export_hf(self, path)
             rank_zero_info(f"Exported the fine-tuned model to {path}")
         self.trainer.strategy.barrier("sstoken_pl.export")
+
+
+def check_fit_settings(module: "SFTModule", trainer: pl.Trainer) -> None:
+    """Settings that the model, data and trainer do not agree on: each one clear ``ConfigError``."""
+    model = module.model
+    if module.hparams.dtype == "float16":
+        raise ConfigError(
+            "model.dtype: float16 parameters train without loss scaling and overflow (NaN within a few steps); use "
+            "bfloat16, or float32 parameters with trainer.precision: 16-mixed (which scales the loss)"
+        )
+    rows = model.get_input_embeddings().weight.shape[0]
+    tokenizer = module.tokenizer
+    if tokenizer is not None and len(tokenizer) > rows:
+        raise ConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows; token ids past "
+            f"{rows - 1} would crash or read garbage: use the model's own tokenizer (model.tokenizer)"
+        )
+    context = getattr(model.config, "max_position_embeddings", None)
+    max_length = getattr(getattr(trainer, "datamodule", None), "max_length", None)
+    if context and max_length and max_length > context:
+        raise ConfigError(
+            f"data.max_length={max_length} exceeds the model's context (max_position_embeddings={context}); set "
+            f"data.max_length to at most {context}"
+        )
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

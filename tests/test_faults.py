@@ -1,0 +1,52 @@
+"""Bad input and faults, as a user meets them from the CLI: one clear line each, never a traceback or a NaN."""
+
+import pytest
+import torch
+
+from tests.test_cli import cli
+
+TINY = ["fit", "--config", "configs/tiny.yaml", "--model.export=false", "--trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model.dtype=float16"], "float16 parameters train without loss scaling"),
+        (["--model.model_config.max_position_embeddings=64"], "data.max_length=384 exceeds the model's context"),
+        (["--model.model_config.vocab_size=200"], "the tokenizer has 261 tokens but the model's embedding has 200 rows"),
+        (["--data.synthetic.num_train=16", "--trainer.val_check_interval=50"], "fewer than trainer.val_check_interval=50"),
+        (["--ckpt_path", "{tmp}/corrupt.ckpt"], "corrupt.ckpt is not a readable PyTorch checkpoint"),
+        (["--ckpt_path", "{tmp}/foreign.ckpt"], "foreign.ckpt is not a Lightning checkpoint"),
+        (["--ckpt_path", "{tmp}/missing.ckpt"], "no such file"),
+    ],
+)
+def test_bad_settings_are_one_line(tmp_path, args, message):
+    (tmp_path / "corrupt.ckpt").write_bytes(b"\x00garbage")
+    torch.save({"weights": torch.ones(2)}, tmp_path / "foreign.ckpt")
+    out = cli(*TINY, f"--trainer.default_root_dir={tmp_path}", *[a.format(tmp=tmp_path) for a in args])
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr and last.startswith("error: ") and message in last, last
+
+
+def test_a_non_finite_loss_skips_the_batch(tiny_llama, monkeypatch):
+    import sstoken_pl.module as module_mod
+    from sstoken_pl.module import SFTModule
+    from tests.helpers import loader, random_batches, trainer
+
+    from sstoken_pl.models import tiny_llama_config
+
+    module = SFTModule(model_config=tiny_llama_config(), tokenizer="byte", lr=1e-2, export=False)
+    real = module_mod.token_loss
+    calls = []
+
+    def poisoned(pl_module, batch, logits):
+        calls.append(1)
+        loss = real(pl_module, batch, logits)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(module_mod, "token_loss", poisoned)
+    t = trainer(max_steps=3)
+    t.fit(module, train_dataloaders=loader(random_batches(4)))
+    assert module.skipped_nonfinite == 1
+    assert all(torch.isfinite(p).all() for p in module.model.parameters()), "the NaN never reached the weights"
