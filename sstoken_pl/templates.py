@@ -9,7 +9,10 @@ trained tokens, ``-100`` elsewhere.
 messages before it with ``add_generation_prompt=True`` to the end of the rendering through it: its content and the
 end-of-turn token the template emits (``<|im_end|>``; whitespace after that token is not trained). When a template
 does not render prefixes as prefixes of the whole conversation (some rewrite earlier turns), the turn's content is
-looked up in the full rendering instead, followed by the EOS token when the template puts it there.
+looked up in the full rendering instead — after the previous message's content and before the next one's, verbatim or
+without its ``<think>…</think>`` part (as Qwen3/R1-style templates render earlier turns) — followed by the EOS token
+when the template puts it there; a turn that cannot be found that way is refused. A template with
+``{% generation %}`` markers labels exactly what they mark (``return_assistant_tokens_mask``).
 
 **Plain template** (no chat template)::
 
@@ -82,40 +85,79 @@ def _end_of_turn(tokenizer: Any, text: str, start: int, end: int) -> int:
     return end
 
 
+def _rendered_forms(content: str) -> list[str]:
+    """How a template may render a message's content: verbatim, stripped, or — as Qwen3/R1-style templates render
+    earlier assistant turns — with its reasoning up to ``</think>`` removed."""
+    forms = [content, content.strip()]
+    if "</think>" in content:
+        tail = content.split("</think>")[-1]
+        forms += [tail.lstrip("\n"), tail.strip()]
+    return [f for i, f in enumerate(forms) if f and f not in forms[:i]]
+
+
+def _find_turn(full: str, content: str, cursor: int, limit: int) -> tuple[int, int] | None:
+    """``[start, end)`` of the first rendered form of ``content`` in ``full[cursor:limit]``, or None."""
+    for form in _rendered_forms(content):
+        start = full.find(form, cursor, limit)
+        if start >= 0:
+            return start, start + len(form)
+    return None
+
+
 def _chat_pieces(messages: Messages, tokenizer: Any) -> _Pieces:
     full = _render(tokenizer, messages, generation_prompt=False)
     pieces: _Pieces = []
-    cursor = 0
+    emitted = 0  # the end of the pieces so far
+    cursor = 0  # every message's content is looked up after the previous message's: a user message that quotes
+    # the answer can never be taken for the assistant turn
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
+            found = _find_turn(full, message["content"], cursor, len(full)) if message["content"].strip() else None
+            if found is not None:
+                cursor = found[1]
             continue
         before = _render(tokenizer, messages[:i], generation_prompt=True) if i else None
         through = _render(tokenizer, messages[: i + 1], generation_prompt=False)
         if (
             before is not None
-            and cursor <= len(before) < len(through)
+            and emitted <= len(before) < len(through)
             and through.startswith(before)
             and full.startswith(through)
         ):
             start, end = len(before), _end_of_turn(tokenizer, through, len(before), len(through))
         else:
-            content = message["content"]
-            start = full.find(content, cursor)
-            if start < 0:
-                content = content.strip()
-                start = full.find(content, cursor)
-            if start < 0:
+            # The template renders prefixes differently (e.g. it rewrites earlier turns): find this turn's content
+            # after the previous message's and before the next message's.
+            following = next((m["content"] for m in messages[i + 1 :] if m["content"].strip()), None)
+            nxt = _find_turn(full, following, cursor, len(full)) if following is not None else None
+            limit = nxt[0] if nxt is not None else len(full)
+            found = _find_turn(full, message["content"], cursor, limit)
+            if found is None:
                 raise DataError(
-                    f"the chat template does not render assistant turn {i} verbatim; cannot find which tokens to train"
+                    f"the chat template does not render assistant turn {i} verbatim (nor without its <think> part); "
+                    f"cannot find which tokens to train"
                 )
-            end = start + len(content)
+            start, end = found
             eos = tokenizer.eos_token
             if eos and full.startswith(eos, end):
                 end += len(eos)
-        pieces += [(full[cursor:start], False), (full[start:end], True)]
-        cursor = end
-    pieces.append((full[cursor:], False))
+        pieces += [(full[emitted:start], False), (full[start:end], True)]
+        emitted = cursor = end
+    pieces.append((full[emitted:], False))
     return pieces
+
+
+def _generation_mask_encoding(messages: Messages, tokenizer: Any) -> tuple[list[int], list[bool]] | None:
+    """Token ids and the trained flags from the template's own ``{% generation %}`` markers, when it has them."""
+    if "{% generation %}" not in (tokenizer.chat_template or "").replace("{%- generation %}", "{% generation %}"):
+        return None
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, add_generation_prompt=False
+    )
+    mask = out.get("assistant_masks")
+    if mask is None or not any(mask):
+        return None
+    return list(out["input_ids"]), [bool(m) for m in mask]
 
 
 def _plain_pieces(messages: Messages, tokenizer: Any) -> _Pieces:
@@ -173,11 +215,12 @@ def encode_messages(
 
     ``labels`` copies ``input_ids`` on the assistant turns' tokens and is ``-100`` elsewhere.
     """
-    if has_chat_template(tokenizer):
-        pieces = _chat_pieces(messages, tokenizer)
+    marked = _generation_mask_encoding(messages, tokenizer) if has_chat_template(tokenizer) else None
+    if marked is not None:
+        ids, trained = marked
     else:
-        pieces = _plain_pieces(messages, tokenizer)
-    ids, trained = _tokenize_pieces(pieces, tokenizer)
+        pieces = _chat_pieces(messages, tokenizer) if has_chat_template(tokenizer) else _plain_pieces(messages, tokenizer)
+        ids, trained = _tokenize_pieces(pieces, tokenizer)
     if _needs_bos(tokenizer, ids):
         ids, trained = [tokenizer.bos_token_id] + ids, [False] + trained
     labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
