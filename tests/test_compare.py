@@ -69,3 +69,14 @@ def test_table_and_html_builders():
     assert '<span class="dropped noise"> &amp; </span>' in page
     assert page.count('<span class="kept">&lt;b&gt;</span>') == 2, "full's row keeps every token"
     assert "No run logged" in compare.samples_html({"full": []}, ["full"], 4, "t")
+
+
+def test_kept_by_token_kind_counts_clean_tokens_only():
+    assert [compare.token_kind(t) for t in ["<|im_end|>", "####", " 12", " books", " =", "\n"]] == [
+        "end of turn", "answer marker", "digits", "words", "other", "other"]
+    samples = [{"tokens": [" 3", " 4", " cats", "####", "<|im_end|>", " zz"], "kept": [1, 0, 1, 0, 1, 0], "noise": [0, 0, 0, 0, 0, 1]}]
+    kinds = compare.kept_by_kind(samples)
+    assert kinds["digits"] == (0.5, 2) and kinds["words"] == (1.0, 1), "the noise token ' zz' is not counted"
+    assert kinds["answer marker"] == (0.0, 1) and kinds["end of turn"] == (1.0, 1) and kinds["other"] == (None, 0)
+    table = compare.kinds_table({"m": samples, "full": []})
+    assert "| m | 1.00 | 0.00 | 0.50 | 1.00 | — |" in table and "full" not in table

@@ -225,6 +225,47 @@ def pick_samples(per_method: dict[str, list[dict]], count: int) -> list[tuple[in
     return sorted(keys, key=lambda k: (k not in noisy, k))[:count]
 
 
+KINDS = ("end of turn", "answer marker", "digits", "words", "other")
+
+
+def token_kind(token: str) -> str:
+    """A response token's kind, for the kept-by-kind table."""
+    t = token.strip()
+    if t.startswith("<|") and t.endswith("|>") or t in ("</s>", "<eos>", "<|endoftext|>"):
+        return "end of turn"
+    if t and set(t) <= {"#"}:
+        return "answer marker"
+    if t and t.isdigit():
+        return "digits"
+    if t and t.isalpha():
+        return "words"
+    return "other"
+
+
+def kept_by_kind(samples: list[dict]) -> dict[str, tuple[float | None, int]]:
+    """Share of the *clean* response tokens of each kind that a method kept, over its logged samples, and how many
+    tokens of that kind there were."""
+    kept = {k: [0, 0] for k in KINDS}
+    for s in samples:
+        noise = s.get("noise") or [0] * len(s["tokens"])
+        for tok, k, n in zip(s["tokens"], s["kept"], noise):
+            if not n:
+                kept[token_kind(tok)][0] += k
+                kept[token_kind(tok)][1] += 1
+    return {k: (a / b if b else None, b) for k, (a, b) in kept.items()}
+
+
+def kinds_table(per_method: dict[str, list[dict]]) -> str:
+    rows = {m: kept_by_kind(s) for m, s in per_method.items() if s}
+    if not rows:
+        return ""
+    counts = next(iter(rows.values()))
+    lines = ["| method | " + " | ".join(f"{k} (n={counts[k][1]})" for k in KINDS) + " |", "|---" * (len(KINDS) + 1) + "|"]
+    for method, r in rows.items():
+        lines.append(f"| {method} | " + " | ".join(_fmt(r[k][0], ".2f") for k in KINDS) + " |")
+    return "\n".join(lines)
+
+
 def render_tokens(tokens: list[str], kept: list[int], noise: list[int] | None) -> str:
     spans = []
     for i, tok in enumerate(tokens):
@@ -341,14 +382,18 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "",
     ]
+    per_method = {m: read_samples(os.path.join(out, "runs", m, f"seed{args.seeds[0]}")) for m in args.methods}
+    kinds = kinds_table(per_method)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(header) + markdown_table(rows) + "\n")
+        if kinds:
+            f.write(f"\nShare of the clean response tokens of each kind kept (the samples logged every "
+                    f"{args.log_samples_every} steps, seed {args.seeds[0]}):\n\n{kinds}\n")
     json.dump({"rows": rows, "runs": results}, open(os.path.join(out, "results.json"), "w"), indent=1)
     plot(results, os.path.join(out, "val_loss.png"), title)
-    per_method = {m: read_samples(os.path.join(out, "runs", m, f"seed{args.seeds[0]}")) for m in args.methods}
     with open(os.path.join(out, "samples.html"), "w", encoding="utf-8") as f:
         f.write(samples_html(per_method, args.methods, args.html_samples, title))
-    print("\n" + markdown_table(rows))
+    print("\n" + markdown_table(rows) + ("\n\n" + kinds if kinds else ""))
     print(f"\nwritten: {out}/results.md, results.json, val_loss.png, samples.html")
 
 
