@@ -97,14 +97,21 @@ def evaluate(
 
 
 def _parser():
-    from jsonargparse import ArgumentParser
+    import argparse
+    from typing import Literal
+
+    from jsonargparse import ArgumentParser, DefaultHelpFormatter
 
     from sstoken_pl.data import SFTDataModule
 
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Keeps the description's paragraphs and examples as written."""
+
     parser = ArgumentParser(
         prog="python -m sstoken_pl evaluate",
-        description=__doc__,
+        description=__doc__.replace("``", "`"),
         default_config_files=[],
+        formatter_class=Formatter,
     )
     parser.add_argument("--config", type=Optional[str], default=None, nargs="?",
                         help="a fit config (YAML): its data: section is used, and its model: when --model is absent; "
@@ -114,7 +121,7 @@ def _parser():
     parser.add_argument("--gguf_file", type=Optional[str], default=None, help="a GGUF file inside --model's folder")
     parser.add_argument("--dtype", type=str, default="float32", help="parameter dtype (float32, bfloat16, float16)")
     parser.add_class_arguments(SFTDataModule, "data", skip={"tokenizer"})
-    parser.add_argument("--split", type=str, default="validation", choices=["validation", "test"],
+    parser.add_argument("--split", type=Literal["validation", "test"], default="validation",
                         help="validation: what fit validates on; test: the source's test split")
     parser.add_argument("--num_problems", type=int, default=200, help="the first N problems of the split")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per problem")
