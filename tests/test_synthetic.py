@@ -3,7 +3,7 @@ import re
 import pytest
 
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.synthetic import _ITEMS, _NAMES, FILLER_SENTENCES, SyntheticTask
+from sstoken_pl.synthetic import _ITEMS, _NAMES, _RUN_CHARS, FILLER_SENTENCES, SyntheticTask, _wrong_answer
 
 EQUATION = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
 
@@ -97,13 +97,131 @@ def test_noise_share_and_never_in_val():
         ({"noise": -0.1}, "data.synthetic.noise"),
         ({"num_train": 0}, "data.synthetic.num_train"),
         ({"num_val": -3}, "data.synthetic.num_val"),
+        ({"label_noise": 1.5}, "data.synthetic.label_noise"),
+        ({"label_noise": -0.1}, "data.synthetic.label_noise"),
+        ({"label_noise": True}, "data.synthetic.label_noise"),
+        ({"label_noise": "0.2"}, "data.synthetic.label_noise"),
+        ({"label_noise": float("nan")}, "data.synthetic.label_noise"),
     ],
 )
 def test_invalid_settings_name_the_field(kwargs, field):
-    with pytest.raises(ConfigError, match=re.escape(field)):
+    with pytest.raises(ConfigError, match=re.escape(field)) as err:
         SyntheticTask(**kwargs)
+    assert "\n" not in str(err.value)
 
 
 def test_unknown_split():
     with pytest.raises(ValueError, match="split"):
         SyntheticTask(num_train=5, num_val=5).records("test")
+
+
+# ------------------------------------------------------------------------------------------- noise ground truth
+def span_texts(record):
+    return [record["completion"][a:b] for a, b in record["noise_spans"]]
+
+
+def without_spans(record, replace=None):
+    """The completion with its noise spans removed (with one separating space each) or replaced by ``replace``."""
+    text = record["completion"]
+    for a, b in sorted(record["noise_spans"], reverse=True):
+        if replace is not None:
+            text = text[:a] + replace + text[b:]
+        elif text[b : b + 1] == " ":
+            text = text[:a] + text[b + 1 :]
+        else:
+            assert text[a - 1 : a] == " ", "a filler span is separated from its neighbours by one space"
+            text = text[: a - 1] + text[b:]
+    return text
+
+
+def test_label_noise_share_and_wrong_result_and_answer():
+    clean = SyntheticTask(num_train=400, num_val=20, noise=0.0, seed=5).records("train")
+    noisy = SyntheticTask(num_train=400, num_val=20, noise=0.0, label_noise=0.3, seed=5).records("train")
+    assert [c["prompt"] for c in clean] == [n["prompt"] for n in noisy]
+    assert [c["answer"] for c in clean] == [n["answer"] for n in noisy], "the record's answer stays the true one"
+    changed = [(c, n) for c, n in zip(clean, noisy) if c["completion"] != n["completion"]]
+    assert len(changed) == 120
+    two_step = 0
+    for c, n in changed:
+        body, last = n["completion"].rsplit("\n", 1)
+        wrong = last.removeprefix("#### ")
+        assert last == f"#### {wrong}" and wrong.isdigit()
+        assert int(wrong) != int(c["answer"]) and int(wrong) >= 0 and abs(int(wrong) - int(c["answer"])) <= 9
+        clean_eq, noisy_eq = EQUATION.findall(c["completion"]), EQUATION.findall(body)
+        assert noisy_eq[-1][:3] == clean_eq[-1][:3] and noisy_eq[-1][3] == wrong, "the last result is the wrong answer"
+        assert noisy_eq[:-1] == clean_eq[:-1], "only the final step changes"
+        two_step += len(noisy_eq) == 2
+        # The two spans are exactly the wrong result and the wrong answer; the rest is the clean solution.
+        assert span_texts(n) == [wrong, wrong]
+        assert n["noise_spans"][1] == [len(n["completion"]) - len(wrong), len(n["completion"])]
+        assert without_spans(n, replace=c["answer"]) == c["completion"]
+    assert two_step > 10
+    assert all(n["noise_spans"] == [] for c, n in zip(clean, noisy) if c["completion"] == n["completion"])
+    everything = SyntheticTask(num_train=50, num_val=20, noise=0.0, label_noise=1.0, seed=5).records("train")
+    assert all(len(r["noise_spans"]) == 2 for r in everything)
+
+
+def test_wrong_answers_are_never_negative_nor_right():
+    import random
+
+    rng = random.Random(0)
+    for answer in [0, 1, 2, 5, 9, 10, 57]:
+        wrong = {_wrong_answer(answer, rng) for _ in range(300)}
+        assert answer not in wrong and min(wrong) >= 0 and max(wrong) <= answer + 9
+        assert len(wrong) >= 9
+
+
+def test_filler_noise_spans_are_the_inserted_pieces():
+    clean = SyntheticTask(num_train=200, num_val=10, noise=0.0, seed=8).records("train")
+    noisy = SyntheticTask(num_train=200, num_val=10, noise=1.0, seed=8).records("train")
+    for c, n in zip(clean, noisy):
+        assert c["noise_spans"] == [] and 1 <= len(n["noise_spans"]) <= 3
+        for piece in span_texts(n):
+            runs = all(set(word) <= set(_RUN_CHARS) and 2 <= len(word) <= 7 for word in piece.split(" "))
+            assert piece in FILLER_SENTENCES or runs, piece
+            assert piece == piece.strip()
+        assert n["noise_spans"] == sorted(n["noise_spans"]) and all(a < b for a, b in n["noise_spans"])
+        assert without_spans(n) == c["completion"]
+
+
+def test_the_two_noise_streams_are_independent():
+    def make(noise, label_noise, seed=3):
+        task = SyntheticTask(num_train=300, num_val=20, noise=noise, label_noise=label_noise, seed=seed)
+        return task.records("train")
+
+    def fillers(r):
+        return [t for t in span_texts(r) if not t.isdigit()]
+
+    def shown(r):
+        return r["completion"].rsplit("#### ", 1)[1]
+
+    def true_label(r):
+        """The completion with the true answer put back into the label-noise spans (a random run is never digits)."""
+        text = r["completion"]
+        for a, b in sorted(r["noise_spans"], reverse=True):
+            text = text[:a] + r["answer"] + text[b:] if text[a:b].isdigit() else text
+        return text
+
+    filler_only, label_only, both = make(0.4, 0.0), make(0.0, 0.5), make(0.4, 0.5)
+    assert [r["prompt"] for r in filler_only] == [r["prompt"] for r in label_only] == [r["prompt"] for r in both]
+    # The same filler noise (which records, which pieces, where) whatever label_noise is ...
+    assert [fillers(r) for r in filler_only] == [fillers(r) for r in both]
+    assert [r["completion"] for r in filler_only] == [true_label(r) for r in both]
+    # ... and the same wrong labels whatever noise is.
+    assert [shown(r) for r in label_only] == [shown(r) for r in both]
+    for level in (0.1, 0.9):
+        assert [fillers(r) for r in make(0.4, level)] == [fillers(r) for r in filler_only]
+        assert [shown(r) for r in make(level, 0.5)] == [shown(r) for r in label_only]
+    # Both kinds land on some records together, their spans in text order.
+    together = [r for r in both if fillers(r) and len(span_texts(r)) > len(fillers(r))]
+    assert together
+    for r in together:
+        assert r["noise_spans"] == sorted(r["noise_spans"])
+        assert span_texts(r)[-1] == shown(r) != r["answer"]
+
+
+def test_validation_is_never_noised():
+    clean = SyntheticTask(num_train=50, num_val=30, noise=0.0, label_noise=0.0, seed=2).records("val")
+    noisy = SyntheticTask(num_train=50, num_val=30, noise=1.0, label_noise=1.0, seed=2).records("val")
+    assert noisy == clean
+    assert all(r["noise_spans"] == [] and r["completion"].endswith(f"#### {r['answer']}") for r in noisy)
