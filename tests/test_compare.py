@@ -22,7 +22,7 @@ def test_compare_end_to_end_and_resume(tmp_path):
             "--max-steps", "4", "--extra", EXTRA, "--log-samples-every", "2", "--html-samples", "2"]
     out = tool("compare.py", *args, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
-    table = (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text().split("Share of the clean")[0]  # the main table, not the kinds one
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
     assert set(rows) == {"method", "full", "random", "rho1"}
     assert "exact match" in rows["method"] and "noise dropped" in rows["method"]
@@ -35,6 +35,8 @@ def test_compare_end_to_end_and_resume(tmp_path):
     page = (tmp_path / "samples.html").read_text()
     assert page.count("class='sample'") == 2 and "class=\"dropped" in page and "noise" in page
     assert (tmp_path / "reference" / "done.json").is_file(), "rho1 needed a reference, trained once"
+    kinds = (tmp_path / "results.md").read_text().split("Share of the clean")[1]
+    assert "| random |" in kinds and "| rho1 |" in kinds and "| full |" not in kinds
     versions = sorted(p for p in tmp_path.rglob("version_*"))
     again = tool("compare.py", *args, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") == 4, again.stdout
