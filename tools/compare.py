@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
             f.write(f"\nShare of the clean response tokens of each kind kept (the samples logged every "
                     f"{args.log_samples_every} steps, seed {args.seeds[0]}):\n\n{kinds}\n")
     json.dump({"rows": rows, "runs": results}, open(os.path.join(out, "results.json"), "w"), indent=1)
-    plot(results, os.path.join(out, "val_loss.png"), title)
+    plot(results, os.path.join(out, "val_loss.png"), f"Held-out loss, {os.path.relpath(config, ROOT)}, seeds {' '.join(map(str, args.seeds))}")
     with open(os.path.join(out, "samples.html"), "w", encoding="utf-8") as f:
         f.write(samples_html(per_method, args.methods, args.html_samples, title))
     print("\n" + markdown_table(rows) + ("\n\n" + kinds if kinds else ""))
