@@ -100,6 +100,17 @@ def run(cmd: list[str], run_dir: str, dry_run: bool) -> None:
     print(f"  done in {time.time() - start:.0f} s", flush=True)
 
 
+def portable(cmd: list[str]) -> str:
+    """The command as a user would type it from the repository root (recorded in ``done.json``)."""
+    def one(arg: str) -> str:
+        if arg == sys.executable:
+            return "python"
+        key, eq, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+        return key + eq + (os.path.relpath(value, ROOT) if os.path.isabs(value) else value)
+
+    return shlex.join([one(c) for c in cmd])
+
+
 def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     """Every logged scalar of the newest CSV log under ``run_dir``: name → [(step, value)]."""
     files = glob.glob(os.path.join(run_dir, "**", "metrics.csv"), recursive=True)
@@ -187,15 +198,19 @@ def plot(results: dict[str, dict[int, dict]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, seeds in results.items():
+    colors = plt.get_cmap("tab20").colors if len(results) > 10 else plt.get_cmap("tab10").colors
+    styles = ["-", "--", "-.", ":"]
+    for i, (method, seeds) in enumerate(results.items()):
         curves = [dict(r["val_curve"]) for r in seeds.values() if r["val_curve"]]
         if not curves:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         values = [[c[s] for c in curves] for s in steps]
-        ax.plot(steps, [statistics.fmean(v) for v in values], marker="o", label=method)
+        color = colors[(2 * i if i < 10 else 2 * (i - 10) + 1) % 20] if len(colors) == 20 else colors[i % len(colors)]
+        ax.plot(steps, [statistics.fmean(v) for v in values], marker="osD^v<>ph*"[i % 10], linestyle=styles[i % 4],
+                color=color, label=method)
         if len(curves) > 1:
-            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15)
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color=color)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("held-out loss (all response tokens)")
     ax.set_title(title)
@@ -334,14 +349,14 @@ def main(argv: list[str] | None = None) -> None:
     reference = None
     if any(needs_reference(m) for m in args.methods):
         ref_dir = os.path.join(out, "reference")
-        if os.path.isfile(os.path.join(ref_dir, "done.json")):
+        if os.path.isfile(os.path.join(ref_dir, "done.json")) and newest_model(ref_dir):
             print(f"reference: reusing {ref_dir}")
         else:
             cmd = base + ["--trainer.callbacks=[]", "--seed_everything=0", f"--trainer.default_root_dir={ref_dir}",
                           "--eval.num_problems=0"] + steps + extra + shlex.split(args.reference_args)
             run(cmd, ref_dir, args.dry_run)
             if not args.dry_run:
-                json.dump({"command": shlex.join(cmd)}, open(os.path.join(ref_dir, "done.json"), "w"))
+                json.dump({"command": portable(cmd)}, open(os.path.join(ref_dir, "done.json"), "w"))
         reference = newest_model(ref_dir) or ref_dir
 
     results: dict[str, dict[int, dict]] = {}
@@ -365,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.dry_run:
                 continue
             summary = summarise(read_metrics(run_dir))
-            json.dump({"command": shlex.join(cmd), "summary": summary}, open(done, "w"))
+            json.dump({"command": portable(cmd), "summary": summary}, open(done, "w"))
             results.setdefault(method, {})[seed] = summary
     if args.dry_run:
         return
