@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from sstoken_pl import selection
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, response_mask as response_positions
+from sstoken_pl.models import response_logits
 from sstoken_pl.methods import CURRENT_INPUTS, PROVIDERS, RULES, get_method, resolve_options
 
 Rule = Literal["sample_top", "batch_top", "global_threshold", "weights"]
@@ -297,7 +298,7 @@ class TokenSelection(Callback):
             if model is not None:
                 was = model.training
                 model.eval()
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+                logits = response_logits(model, batch)
                 model.train(was)
                 inputs["nll"], inputs["entropy"] = per_token_nll(logits, batch["labels"], with_entropy=True)
             values = self._gather(pl_module, batch, inputs, needs)

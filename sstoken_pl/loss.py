@@ -25,46 +25,38 @@ def response_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _live_chunks(flags: torch.Tensor, chunk: int) -> list[list[bool]]:
-    """``flags [B, N]`` → per sample, whether each chunk of ``chunk`` positions has a True (one host sync)."""
-    B, N = flags.shape
-    n = -(-N // chunk)
-    padded = torch.nn.functional.pad(flags, (0, n * chunk - N))
-    return padded.view(B, n, chunk).any(dim=-1).tolist()
+def prediction_mask(labels: torch.Tensor) -> torch.Tensor:
+    """``BoolTensor[B, T]``: the positions whose *next* token is a trained target (``response_mask`` shifted left by
+    one): the rows of hidden states the LM head is needed at. Pass it to a Hugging Face causal LM as
+    ``logits_to_keep`` to get the logits of those rows only, flattened to ``[N, V]`` (``response_logits``)."""
+    valid = labels != IGNORE_INDEX
+    keep = torch.zeros_like(valid)
+    keep[:, :-1] = valid[:, 1:]
+    return keep
 
 
-class _ShiftedNLL(torch.autograd.Function):
-    """Per-token NLL of shifted targets, chunked: never more than one float32 chunk of logits alive at once.
+class _RowNLL(torch.autograd.Function):
+    """Per-row NLL (and optionally entropy) of ``logits [N, V]`` against ``targets [N]``, chunked over rows: never
+    more than one float32 chunk of logits alive at once, no Python loop over samples, no host sync.
 
-    Forward keeps only the per-token log-sum-exp; backward recomputes softmax chunk by chunk and writes the
-    gradient straight into one tensor of the logits' shape and dtype (the one the LM head needs anyway). Chunks
-    with no target (prompt) or no incoming gradient (tokens dropped by selection) cost nothing in backward.
+    Forward keeps only the per-row log-sum-exp; backward recomputes the softmax chunk by chunk and writes the
+    gradient into one tensor of the logits' shape and dtype (the one the LM head needs anyway).
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk: int, with_entropy: bool):
-        B, T, _ = logits.shape
-        nll = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
-        lse = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
-        entropy = torch.zeros(B, T, dtype=torch.float32, device=logits.device) if with_entropy else None
-        targets = labels[:, 1:]
-        valid = targets != IGNORE_INDEX
-        safe = targets.clamp(min=0)
-        live = _live_chunks(valid, chunk)
-        for b in range(B):
-            for c, s in enumerate(range(0, T - 1, chunk)):
-                if not live[b][c]:
-                    continue
-                e = min(s + chunk, T - 1)
-                x = logits[b, s:e].float()
-                lse_c = torch.logsumexp(x, dim=-1)
-                tgt = x.gather(-1, safe[b, s:e, None]).squeeze(-1)
-                nll[b, s + 1 : e + 1] = torch.where(valid[b, s:e], lse_c - tgt, 0.0)
-                lse[b, s + 1 : e + 1] = lse_c
-                if entropy is not None:  # H = lse − Σ p·x, from the same float32 chunk (x may alias logits)
-                    h = lse_c - ((x - lse_c[:, None]).exp() * x).sum(-1)
-                    entropy[b, s + 1 : e + 1] = torch.where(valid[b, s:e], h, 0.0)
-        ctx.save_for_backward(logits, labels, lse)
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int, with_entropy: bool):
+        N = logits.shape[0]
+        nll = torch.empty(N, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+        entropy = torch.empty(N, dtype=torch.float32, device=logits.device) if with_entropy else None
+        for s in range(0, N, chunk):
+            x = logits[s : s + chunk].float()
+            lse_c = torch.logsumexp(x, dim=-1)
+            nll[s : s + chunk] = lse_c - x.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
+            lse[s : s + chunk] = lse_c
+            if entropy is not None:  # H = lse − Σ p·x, from the same float32 chunk (x may alias logits)
+                entropy[s : s + chunk] = lse_c - ((x - lse_c[:, None]).exp() * x).sum(-1)
+        ctx.save_for_backward(logits, targets, lse)
         ctx.chunk = chunk
         if entropy is None:
             return nll
@@ -73,44 +65,52 @@ class _ShiftedNLL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_nll: torch.Tensor, grad_entropy: torch.Tensor | None = None):
-        logits, labels, lse = ctx.saved_tensors
+        logits, targets, lse = ctx.saved_tensors
         chunk = ctx.chunk
-        B, T, _ = logits.shape
-        grad = torch.zeros_like(logits)
-        targets = labels[:, 1:]
-        safe = targets.clamp(min=0)
-        g = torch.where(targets != IGNORE_INDEX, grad_nll[:, 1:].float(), 0.0)
-        live = _live_chunks(g != 0, chunk)
-        for b in range(B):
-            for c, s in enumerate(range(0, T - 1, chunk)):
-                if not live[b][c]:
-                    continue
-                e = min(s + chunk, T - 1)
-                g_c = g[b, s:e]
-                p = (logits[b, s:e].float() - lse[b, s + 1 : e + 1, None]).exp_()
-                p.scatter_add_(-1, safe[b, s:e, None], torch.full_like(g_c[:, None], -1.0))
-                p.mul_(g_c[:, None])
-                grad[b, s:e] = p
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk):
+            g = grad_nll[s : s + chunk].float()
+            p = (logits[s : s + chunk].float() - lse[s : s + chunk, None]).exp_()
+            p.scatter_add_(-1, targets[s : s + chunk, None], torch.full_like(g[:, None], -1.0))
+            grad[s : s + chunk] = p.mul_(g[:, None])
         return grad, None, None, None
 
 
 def per_token_nll(
     logits: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None, with_entropy: bool = False
 ):
-    """``FloatTensor[B, T]`` (float32): NLL of target ``labels[b, i]`` under ``logits[b, i - 1]``; 0 where ignored.
+    """``FloatTensor[B, T]`` (float32): NLL of target ``labels[b, i]`` under the logits predicting it; 0 where
+    ignored.
 
-    Differentiable with respect to ``logits``; uses no float32 copy of the whole ``[B, T, V]`` logits. With
-    ``with_entropy=True`` returns ``(nll, entropy)``: the predictive entropy of each position's next-token
-    distribution (aligned the same way, 0 where ignored, not differentiable), from the same chunked pass.
+    ``logits`` is either the full ``[B, T, V]`` (position ``i - 1`` predicts ``labels[b, i]``) or only the rows
+    that predict a target, ``[N, V]`` in row-major order, as ``response_logits`` returns them (a Hugging Face model
+    called with ``logits_to_keep=prediction_mask(labels)``): the cheap path, which never computes the LM head at
+    prompt or padding positions. Differentiable with respect to ``logits``; no float32 copy of all logits is
+    made. With ``with_entropy=True`` returns ``(nll, entropy)``: the predictive entropy of each position's
+    next-token distribution (aligned the same way, 0 where ignored, not differentiable), from the same pass.
     """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"per_token_nll: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+    B, T = labels.shape
+    valid = response_mask(labels)
+    if logits.dim() == 3:
+        if logits.shape[:2] != labels.shape:
+            raise ValueError(f"per_token_nll: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
+        logits = logits[:, :-1][valid[:, 1:]]  # the predicting rows: [N, V]
+    elif logits.dim() != 2:
+        raise ValueError(f"per_token_nll: logits must be [B, T, V] or response rows [N, V], got {tuple(logits.shape)}")
+    targets = labels.masked_select(valid)
+    if logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"per_token_nll: {logits.shape[0]} rows of logits for {targets.shape[0]} response targets; row logits must "
+            f"come from logits_to_keep=prediction_mask(labels) of the same labels"
+        )
     if chunk_size is None:
-        chunk_size = max(1, _CHUNK_ELEMENTS // logits.shape[-1])
-    if logits.shape[1] < 2:
-        nll = torch.zeros(labels.shape, dtype=torch.float32, device=logits.device) + 0.0 * logits.sum()
-        return (nll, torch.zeros_like(nll).detach()) if with_entropy else nll
-    return _ShiftedNLL.apply(logits.contiguous(), labels, chunk_size, with_entropy)
+        chunk_size = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    out = _RowNLL.apply(logits.contiguous(), targets, chunk_size, with_entropy)
+    rows, entropy = out if with_entropy else (out, None)
+    nll = torch.zeros(B, T, dtype=torch.float32, device=logits.device).masked_scatter(valid, rows)
+    if not with_entropy:
+        return nll
+    return nll, torch.zeros(B, T, dtype=torch.float32, device=logits.device).masked_scatter(valid, entropy)
 
 
 LossNormalization = Literal["step", "micro_batch"]

@@ -159,3 +159,39 @@ def find_exported_model(path: str) -> str:
 def dtype_name(dtype: torch.dtype) -> str:
     """The ``model.dtype`` name of a torch dtype (``torch.bfloat16`` → ``"bfloat16"``)."""
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+
+
+# ---------------------------------------------------------------------------------------------------- row logits
+_ROW_LOGITS: dict[type, bool] = {}
+
+
+def supports_row_logits(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (plain or peft-wrapped) takes a boolean ``[B, T]`` ``logits_to_keep`` and returns the logits
+    of the kept rows only, ``[N, V]``: Hugging Face causal LMs whose forward slices hidden states with
+    ``slice_logits_to_keep`` (transformers ≥ 5; ~250 architectures, Llama, Qwen, Mistral, Gemma among them).
+    Decided once per model class, from its forward's source."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    cls = type(base)
+    if cls not in _ROW_LOGITS:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _ROW_LOGITS[cls] = "slice_logits_to_keep" in source
+    return _ROW_LOGITS[cls]
+
+
+def response_logits(model: torch.nn.Module, batch: Any, call: Any = None, **kwargs: Any) -> torch.Tensor:
+    """The logits ``sstoken_pl.per_token_nll`` / ``token_loss`` need for ``batch``: with a model that supports it
+    (``supports_row_logits``) only the rows that predict a response token, ``[N, V]`` — the LM head is never applied
+    at prompt or padding positions, which saves most of its time and of the ``[B, T, V]`` memory —, else the full
+    ``[B, T, V]``. ``kwargs`` go to the model's forward; ``call`` replaces ``model(**kw)`` (e.g. a
+    ``torch.func.functional_call`` with other weights)."""
+    from sstoken_pl.loss import prediction_mask
+
+    if supports_row_logits(model):
+        kwargs["logits_to_keep"] = prediction_mask(batch["labels"])
+    out = (call or model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
+    return out.logits

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,11 +39,16 @@ def test_per_token_nll_matches_cross_entropy(dtype, chunk):
     assert (nll[labels == -100] == 0).all()
 
 
-def test_per_token_nll_saves_no_float32_copy_of_logits():
-    # What autograd keeps for backward: the logits themselves and [B, T] vectors, nothing of size B*T*V besides.
+@pytest.mark.parametrize("rows", [False, True])
+def test_per_token_nll_saves_no_float32_copy_of_logits(rows):
+    # What autograd keeps for backward: the response rows of the logits in their own dtype and vectors, nothing
+    # else of size N*V (no float32 copy).
     B, T, V = 2, 64, 1000
-    logits = torch.randn(B, T, V, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, V, (B, T))
+    labels[:, :10] = -100
+    N = int(response_mask(labels).sum())
+    shape = (N, V) if rows else (B, T, V)
+    logits = torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
     saved = []
 
     def pack(t):
@@ -50,8 +57,47 @@ def test_per_token_nll_saves_no_float32_copy_of_logits():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         per_token_nll(logits, labels).sum()
-    big = [t for t in saved if t.numel() >= B * T * V]
-    assert len(big) == 1 and big[0].dtype == torch.bfloat16
+    big = [t for t in saved if t.numel() >= N * V]
+    assert len(big) == 1 and big[0].dtype == torch.bfloat16 and big[0].shape == (N, V)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_row_logits_equal_full_logits(tiny_llama, lora):
+    # The LM head at response rows only (logits_to_keep=prediction_mask) gives the same NLL, entropy and gradients
+    # as the full [B, T, V] logits, for a plain and a peft-wrapped model.
+    from sstoken_pl.loss import prediction_mask
+    from sstoken_pl.models import response_logits, supports_row_logits
+
+    model = tiny_llama
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=4, target_modules="all-linear"))
+    batch = random_batches(1)[0]
+    assert supports_row_logits(model)
+    rows = response_logits(model, batch)
+    assert rows.shape == (int(response_mask(batch["labels"]).sum()), model.config.vocab_size)
+    assert rows.shape[0] == int(prediction_mask(batch["labels"]).sum())
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    grads = []
+    for logits in (rows, full):
+        nll, entropy = per_token_nll(logits, batch["labels"], with_entropy=True)
+        model.zero_grad()
+        (nll * torch.linspace(0, 1, nll.numel()).view_as(nll)).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        if logits is rows:
+            first = (nll.detach(), entropy)
+    torch.testing.assert_close(first[0], nll.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(first[1], entropy, atol=1e-5, rtol=1e-5)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_row_logits_must_match_labels():
+    labels = torch.randint(0, 10, (2, 6))
+    with pytest.raises(ValueError, match="rows of logits"):
+        per_token_nll(torch.randn(3, 10), labels)
 
 
 def test_response_mask_aligned_with_labels():

@@ -1,0 +1,331 @@
+"""Step time and peak memory of each token-selection method against full SFT, measured in one run.
+
+    python tools/bench.py                                                  # tiny model, T = 256 and 1024
+    python tools/bench.py --config configs/quickstart.yaml --lengths 512 --batch-size 2 --steps 3
+    python tools/bench.py --config configs/quickstart.yaml --lora off --lengths 256
+
+One process, one model, the same batches for every method. Each method is a real Lightning ``fit`` of the model
+with the method's callbacks (``configs/methods/<method>.yaml``), ``--warmup`` untimed steps and then ``--steps``
+timed ones; the methods are interleaved over ``--rounds`` rounds so that drift of the machine hits each alike.
+Batches are random tokens of exactly ``T`` positions, the first ``--prompt-share`` of each being the prompt (no
+loss) and the rest the response.
+
+Rows (``--methods``): ``full`` (plain SFT), ``attn_only``, ``rel_only`` (base history), ``sstoken`` (base
+history), ``sstoken_ema``, ``rho1`` (a reference model: a copy of the base model, loaded by ``ReferenceModel``),
+and ``authors``: the authors' released approach re-implemented for comparison — the training forward with eager
+attention and ``output_attentions=True`` (every layer's ``[B, H, T, T]`` attention materialised), full-vocabulary
+logits at every position, and their separate base-model loss pass (precomputed offline in their code) counted as
+one no-grad forward per step.
+
+Reported per sequence length: median seconds per optimizer step, peak memory (CUDA: ``max_memory_allocated``;
+CPU: the process's resident set, sampled every millisecond during the method's timed steps, with glibc told to
+return large blocks to the system), and both as ratios to ``full``. Then, for the longest length, the lines
+
+    sstoken/full step-time ratio: X
+    attn_only/full step-time ratio: X
+    sstoken/full peak-memory ratio: X
+    authors/sstoken step-time ratio: X
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import math
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import types
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+METHODS = ["full", "attn_only", "rel_only", "sstoken", "sstoken_ema", "rho1", "authors"]
+RATIO_LINES = [("sstoken", "full", "time"), ("attn_only", "full", "time"), ("sstoken", "full", "memory"), ("authors", "sstoken", "time")]
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+class PeakMemory:
+    """Peak memory while the block runs: CUDA's allocator peak, or the sampled resident set size on CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/statm") as f:
+            while not self._stop.is_set():
+                f.seek(0)
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+                time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+def make_batches(vocab: int, length: int, batch_size: int, prompt_share: float, count: int, seed: int = 0) -> list[dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    prompt = max(1, min(length - 2, round(prompt_share * length)))
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(10, vocab, (batch_size, length), generator=g)
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+def method_callbacks(method: str, reference: str) -> list:
+    """The callbacks of ``configs/methods/<method>.yaml`` (the reference path filled in)."""
+    import yaml
+
+    if method in ("full", "authors"):
+        return []
+    path = os.path.join(ROOT, "configs", "methods", f"{method}.yaml")
+    if not os.path.isfile(path):
+        sys.exit(f"error: no method config {path}")
+    with open(path) as f:
+        specs = ((yaml.safe_load(f) or {}).get("trainer") or {}).get("callbacks+") or []
+    callbacks = []
+    for spec in specs:
+        module, _, name = spec["class_path"].rpartition(".")
+        args = dict(spec.get("init_args") or {})
+        if name == "ReferenceModel":
+            args["path"] = reference
+        callbacks.append(getattr(importlib.import_module(module), name)(**args))
+    return callbacks
+
+
+def authors_training_step(self, batch: dict, batch_idx: int):
+    """The authors' released approach, re-implemented for the cost comparison: a base-model loss pass (precomputed
+    offline in their code, counted here as one no-grad forward), the training forward with eager attention and every
+    layer's attention returned, full-vocabulary logits, ssToken's score (γ = 0.5) and per-sample top 60%."""
+    import torch
+    import torch.nn.functional as F
+
+    from sstoken_pl import selection
+    from sstoken_pl.loss import response_mask
+
+    model, labels = self.model, batch["labels"]
+    resp = response_mask(labels)
+    base = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+    def shifted_nll(logits):
+        B, T, V = logits.shape
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), labels[:, 1:].reshape(-1), reduction="none")
+        return torch.cat([nll.new_zeros(B, 1), nll.view(B, T - 1)], 1)
+
+    with torch.no_grad(), base:
+        history = shifted_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
+    nll = shifted_nll(out.logits)
+    with torch.no_grad():
+        last = out.attentions[-1].mean(1)  # [B, T, T], heads averaged
+        prompt = (labels == -100) & (batch["attention_mask"] > 0)
+        mass = (last * prompt[:, None, :]).sum(-1)  # query q's mass on prompt keys
+        attention = torch.zeros_like(mass)
+        attention[:, 1:] = mass[:, :-1]  # aligned with labels: the query at i-1 predicts labels[i]
+        scores = selection.sstoken_scores(history, nll.detach(), attention, resp, gamma=0.5)
+        kept = selection.top_ratio_mask(scores, resp, 0.6)
+    return (nll * kept).sum() / kept.sum().clamp(min=1)
+
+
+class StepClock:
+    """Seconds of each training batch after ``warmup`` untimed ones, and the peak memory over the timed ones."""
+
+    def __init__(self, warmup: int, cuda: bool) -> None:
+        import lightning.pytorch as pl
+
+        clock = self
+
+        class _Callback(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if batch_idx == warmup:
+                    clock.memory = PeakMemory(cuda).__enter__()
+                clock._sync()
+                clock._t0 = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                clock._sync()
+                if batch_idx >= warmup:
+                    clock.times.append(time.perf_counter() - clock._t0)
+
+            def on_train_end(self, trainer, pl_module):
+                if clock.memory is not None:
+                    clock.memory.__exit__()
+
+        self.cuda = cuda
+        self.callback = _Callback()
+        self.times: list[float] = []
+        self.memory: PeakMemory | None = None
+        self._t0 = 0.0
+
+    def _sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+
+def run_method(module, method: str, batches: list[dict], warmup: int, reference: str, accelerator: str) -> tuple[list[float], int]:
+    import lightning.pytorch as pl
+    import torch
+
+    clock = StepClock(warmup, accelerator == "gpu")
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=method_callbacks(method, reference) + [clock.callback],
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    if method == "authors":
+        module.training_step = types.MethodType(authors_training_step, module)
+        module.model.set_attn_implementation("eager")
+    try:
+        with warnings_quiet():
+            trainer.fit(module, train_dataloaders=loader)
+    finally:
+        if method == "authors":
+            del module.training_step
+            module.model.set_attn_implementation(module.hparams.attn_implementation)
+    return clock.times, clock.memory.peak if clock.memory else 0
+
+
+@contextlib.contextmanager
+def warnings_quiet():
+    import logging
+    import warnings
+
+    level = logging.getLogger("lightning.pytorch").level
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.getLogger("lightning.pytorch").setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def build_module(config: str, lora: str):
+    from sstoken_pl.cli import SSTokenCLI
+    from sstoken_pl.data import SFTDataModule
+    from sstoken_pl.module import SFTModule
+
+    args = ["--config", config, "--trainer.callbacks=[]", "--trainer.logger=false", "--model.export=false"]
+    if lora == "off":
+        args.append("--model.lora=null")
+    elif lora == "on":
+        args.append("--model.lora={r: 64, alpha: 16, dropout: 0.1}")
+    with warnings_quiet():
+        cli = SSTokenCLI(SFTModule, SFTDataModule, args=args, run=False, save_config_callback=None)
+    module = cli.model
+    module.configure_model()
+    return module
+
+
+def table(results: dict[str, dict], methods: list[str]) -> str:
+    full_t = statistics.median(results["full"]["times"])
+    full_m = results["full"]["peak"]
+    lines = ["| method | median s/step | vs full | peak memory (MiB) | vs full |", "|---|---|---|---|---|"]
+    for m in methods:
+        t = statistics.median(results[m]["times"])
+        peak = results[m]["peak"]
+        lines.append(f"| {m} | {t:.3f} | {t / full_t:.2f}× | {peak / 2**20:.0f} | {peak / full_m:.2f}× |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"), help="model config (its model: section)")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[256, 1024], help="sequence lengths T")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--prompt-share", type=float, default=0.5, help="share of each sequence that is prompt")
+    parser.add_argument("--lora", choices=["config", "on", "off"], default="config",
+                        help="LoRA as the config says, on (r=64, α=16, dropout 0.1) or off (full fine-tuning)")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each method's run")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the methods")
+    parser.add_argument("--methods", nargs="+", default=METHODS, help=f"rows (default: {' '.join(METHODS)})")
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
+    args = parser.parse_args(argv)
+    if "full" not in args.methods:
+        args.methods.insert(0, "full")
+
+    import logging
+
+    import torch
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # no per-fit "GPU available" banners
+    accelerator = args.accelerator if args.accelerator != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    module = build_module(args.config, args.lora)
+    if accelerator == "gpu":
+        module.to("cuda")
+    lora = hasattr(module.model, "peft_config")
+    vocab = module.model.get_input_embeddings().weight.shape[0]
+    device = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"bench: {os.path.relpath(args.config, ROOT)}, {'LoRA' if lora else 'full fine-tuning'}, batch {args.batch_size}, "
+          f"prompt share {args.prompt_share}, {args.rounds} rounds × {args.steps} timed steps per method, on {device}", flush=True)
+    with tempfile.TemporaryDirectory() as reference:
+        if "rho1" in args.methods:
+            from sstoken_pl.module import export_hf
+
+            export_hf(module, reference)  # the base model (LoRA's initial update is zero) as the reference
+        last = None
+        for length in args.lengths:
+            batches = make_batches(vocab, length, args.batch_size, args.prompt_share, args.warmup + args.steps)
+            results = {m: {"times": [], "peak": 0} for m in args.methods}
+            for r in range(args.rounds):
+                for method in args.methods:
+                    times, peak = run_method(module, method, batches, args.warmup, reference, accelerator)
+                    results[method]["times"] += times
+                    results[method]["peak"] = max(results[method]["peak"], peak)
+                    print(f"  T={length} round {r + 1}: {method:<12} {statistics.median(times):.3f} s/step, "
+                          f"peak {peak / 2**20:.0f} MiB", flush=True)
+            print(f"\nT = {length}\n\n{table(results, args.methods)}\n", flush=True)
+            last = results
+    for a, b, what in RATIO_LINES:
+        if a in last and b in last:
+            if what == "time":
+                value = statistics.median(last[a]["times"]) / statistics.median(last[b]["times"])
+                print(f"{a}/{b} step-time ratio: {value:.3f}")
+            else:
+                print(f"{a}/{b} peak-memory ratio: {last[a]['peak'] / last[b]['peak']:.3f}")
+
+
+if __name__ == "__main__":
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc: large blocks mmap'ed and returned on free, so the resident set follows the tensors alive
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    main()
