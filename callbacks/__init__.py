@@ -10,11 +10,17 @@ The selector:
 
 - ``TokenSelection``: a method's score and rule over those inputs (``sstoken_pl.methods``) → the token mask that
   ``sstoken_pl.token_loss`` applies.
+
+Resuming and interruptions (any Lightning project; the CLI adds both):
+
+- ``ExactResume``: the random generators' states in checkpoints, restored on resume.
+- ``SaveOnInterrupt``: SIGTERM / Ctrl-C → a resumable checkpoint at the end of the optimizer step, then stop.
 """
 
 from sstoken_pl.callbacks.attention import AttentionScore
 from sstoken_pl.callbacks.history import HistoryModel
 from sstoken_pl.callbacks.reference import ReferenceModel
+from sstoken_pl.callbacks.resume import ExactResume, SaveOnInterrupt
 from sstoken_pl.callbacks.selection import TokenSelection
 
-__all__ = ["AttentionScore", "HistoryModel", "ReferenceModel", "TokenSelection"]
+__all__ = ["AttentionScore", "ExactResume", "HistoryModel", "ReferenceModel", "SaveOnInterrupt", "TokenSelection"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
@@ -82,6 +84,11 @@ class AttentionScore(Callback):
         self._cache = None
         if self._probe is not None:
             self._probe.disarm()
+
+    def paused(self) -> contextlib.AbstractContextManager:
+        """Within the block, forwards of the model are not captured (``TokenSelection`` runs the history model's
+        forward, through the same layers, before the training forward)."""
+        return self._probe.paused() if self._probe is not None else contextlib.nullcontext()
 
     def scores(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``FloatTensor[B, T]`` (float32): this training batch's attention mass on the prompt, per token.

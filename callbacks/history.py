@@ -11,8 +11,11 @@ from lightning.pytorch.callbacks import Callback
 from torch.func import functional_call
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import per_token_nll
+from sstoken_pl.loss import per_token_nll, response_mask
+from sstoken_pl.models import response_logits
+from sstoken_pl.token_cache import SampleCache
 
 Mode = Literal["base", "snapshot", "ema"]
 
@@ -44,6 +47,9 @@ class HistoryModel(Callback):
         ema_decay: α of the EMA, in [0, 1).
         snapshot_every: optimizer steps between snapshot refreshes (≥ 1).
         model_attr: the attribute of the LightningModule that holds the Hugging Face model.
+        cache: ``base`` mode only: keep each training sample's history NLL (CPU, 4 bytes per response token) so
+            that later epochs skip the extra forward (``sstoken_pl.token_cache``; needs ``batch["index"]``, which
+            ``SFTDataModule`` provides).
 
     Its state (weights, step counter) goes into Lightning checkpoints, so a resumed run continues exactly. The EMA
     is kept in float32 whatever the parameters' dtype (a bf16 average would round small updates away).
@@ -59,6 +65,7 @@ class HistoryModel(Callback):
         ema_decay: float = 0.99,
         snapshot_every: int = 100,
         model_attr: str = "model",
+        cache: bool = True,
     ) -> None:
         if mode not in ("base", "snapshot", "ema"):
             raise ConfigError(f"HistoryModel.mode must be 'base', 'snapshot' or 'ema', got {mode!r}")
@@ -74,14 +81,26 @@ class HistoryModel(Callback):
         self._last_step = 0  # trainer.global_step at the last update
         self._pending: dict[str, Any] | None = None  # state loaded from a checkpoint, applied at fit start
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (the batch's input_ids, its NLL)
+        self.cache = bool(cache)
+        self._samples = SampleCache() if self.cache and mode == "base" else None  # later epochs: no extra forward
+        self._sharded = False  # FSDP2: the weights are this rank's local shards of the parameters' DTensors
 
     # ------------------------------------------------------------------ setup
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = hf_model(pl_module, self.model_attr)
+        sharding.check_strategy(trainer, f"HistoryModel(mode={self.mode!r})", needs_weights=self._needs_weights(model))
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start, not on_fit_start: it runs after the checkpoint is restored for every strategy (FSDP and
         # DeepSpeed restore after on_fit_start).
         model = hf_model(pl_module, self.model_attr)
+        self._sharded = sharding.is_sharded(model)
         if self._pending is not None:
-            self._restore(model, self._pending)
+            if self._pending.get("weights_in") == "distributed_checkpoint":
+                self._load_shards(model, trainer.ckpt_path)
+                self._last_step = int(self._pending["last_step"])
+            else:
+                self._restore(model, self._pending)
             self._pending = None
         elif self._weights is None and self._needs_weights(model):
             self._weights = {n: self._master(p) for n, p in self._trainable(model)}
@@ -96,8 +115,9 @@ class HistoryModel(Callback):
         return not (self.mode == "base" and is_peft_model(model))
 
     @staticmethod
-    def _trainable(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    def _trainable(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """The trainable parameters; under FSDP2 this rank's local shards of them (views of the shard storage)."""
+        return ((n, sharding.local(p)) for n, p in sharding.named_parameters(model).items() if p.requires_grad)
 
     # ------------------------------------------------------------------ updates
     def on_train_batch_end(
@@ -134,6 +154,9 @@ class HistoryModel(Callback):
                 raise RuntimeError("HistoryModel has no history weights yet: it is set up at train start")
             with model.disable_adapter():
                 yield {}
+        elif self._sharded:  # FSDP2: the history shards are swapped into the parameters for the forward
+            with sharding.swapped_local_shards(model, self._weights):
+                yield {}
         else:
             params = dict(model.named_parameters())
             yield {n: w if w.dtype == params[n].dtype else w.to(params[n].dtype) for n, w in self._weights.items()}
@@ -147,19 +170,27 @@ class HistoryModel(Callback):
         key = batch["input_ids"]
         if self._cache is not None and self._cache[0] is key:
             return self._cache[1]
+        keys = None
+        if self._samples is not None:  # base history: the same values every epoch
+            nll, keys = self._samples.get(batch, response_mask(batch["labels"]))
+            if sharding.everywhere(nll is not None, self._sharded):  # FSDP2: skip the forward on all ranks or none
+                self._cache = (key, nll)
+                return nll
         model = hf_model(pl_module, self.model_attr)
         was_training = model.training
         model.eval()
         try:
             with self.history_weights(model) as overrides:
-                kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"), "use_cache": False}
                 if overrides:
-                    out = functional_call(model, overrides, args=(), kwargs=kwargs, strict=False)
+                    call = lambda **kw: functional_call(model, overrides, args=(), kwargs=kw, strict=False)  # noqa: E731
+                    logits = response_logits(model, batch, call=call)
                 else:
-                    out = model(**kwargs)
-            nll = per_token_nll(out.logits, batch["labels"])
+                    logits = response_logits(model, batch)
+            nll = per_token_nll(logits, batch["labels"])
         finally:
             model.train(was_training)
+        if self._samples is not None:
+            self._samples.put(keys, response_mask(batch["labels"]), nll)
         self._cache = (key, nll)
         return nll
 
@@ -176,8 +207,40 @@ class HistoryModel(Callback):
             "ema_decay": self.ema_decay,
             "snapshot_every": self.snapshot_every,
             "last_step": self._last_step,
-            "weights": None if self._weights is None else {n: w.detach().clone() for n, w in self._weights.items()},
+            # under FSDP2 the shards are written by on_save_checkpoint (``weights_in``), not here
+            "weights": None if self._weights is None or self._sharded else {n: w.detach().clone() for n, w in self._weights.items()},
         }
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """FSDP2: the history shards go into the distributed checkpoint beside the model's (DTensors sharded as the
+        parameters, each rank writes its own); with ``save_distributed_checkpoint=False`` they are gathered, one
+        tensor at a time, into the single file as the model is. Called on every rank."""
+        if not (self._sharded and self._weights is not None):
+            return
+        state = checkpoint["callbacks"][self.state_key]
+        params = sharding.named_parameters(hf_model(pl_module, self.model_attr))
+        shards = {n: sharding.as_dtensor_like(params[n], w) for n, w in self._weights.items()}
+        if getattr(trainer.strategy, "_save_distributed_checkpoint", True):
+            checkpoint["state_dict"].update({sharding.HISTORY_PREFIX + n: t for n, t in shards.items()})
+            state["weights_in"] = "distributed_checkpoint"
+        else:
+            state["weights"] = {n: t.full_tensor().cpu() for n, t in shards.items()}
+
+    def _load_shards(self, model: torch.nn.Module, path: str) -> None:
+        """FSDP2 resume: each rank reads its history shards from the distributed checkpoint directory ``path``."""
+        params = {n: p for n, p in sharding.named_parameters(model).items() if p.requires_grad}
+        templates = {}
+        for n, p in params.items():
+            shard = sharding.local(p)
+            dtype = torch.float32 if self.mode == "ema" and shard.is_floating_point() else shard.dtype
+            templates[sharding.HISTORY_PREFIX + n] = sharding.as_dtensor_like(p, torch.empty_like(shard, dtype=dtype))
+        try:
+            loaded = sharding.load_distributed(path, templates)
+        except Exception as err:  # noqa: BLE001 - a checkpoint without them, or of another model
+            raise ConfigError(
+                f"HistoryModel: could not read the history weights from the distributed checkpoint {path} ({err})"
+            ) from None
+        self._weights = {n: sharding.local(loaded[sharding.HISTORY_PREFIX + n]) for n in params}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("mode") != self.mode:
@@ -200,6 +263,10 @@ class HistoryModel(Callback):
                 f"HistoryModel: the checkpoint's history weights do not match the model's trainable parameters "
                 f"(e.g. {missing[:3]})"
             )
+        if self._sharded:  # a whole-tensor checkpoint (one file) into a sharded model: keep this rank's shards
+            params = sharding.named_parameters(model)
+            self._weights = {n: self._master(sharding.local_shard_of(weights[n], params[n])) for n in current}
+            return
         self._weights = {n: self._master(weights[n].to(device=p.device)) for n, p in current.items()}
 
     @property

@@ -9,9 +9,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import per_token_nll
-from sstoken_pl.models import dtype_name, find_exported_model, load_causal_lm
+from sstoken_pl.loss import per_token_nll, response_mask
+from sstoken_pl.models import dtype_name, find_exported_model, load_causal_lm, response_logits
+from sstoken_pl.token_cache import SampleCache
 
 
 class ReferenceModel(Callback):
@@ -29,6 +31,9 @@ class ReferenceModel(Callback):
             device, dtype and vocabulary).
         check_tokenizer: refuse a reference whose tokenizer differs from the trained model's (when the reference
             ships one); the vocabulary sizes are always checked.
+        cache: keep each training sample's reference NLL (CPU, 4 bytes per response token) for the rest of the
+            fit, so that later epochs (and the first, after TokenCleaning's scoring pass) skip the reference
+            forward (``sstoken_pl.token_cache``; needs ``batch["index"]``, which ``SFTDataModule`` provides).
 
     The model is loaded at fit start onto the trained model's device and freed at teardown. Its weights are not
     saved in checkpoints (they are frozen and reloaded from ``path``); the path is, and a resume with another path
@@ -44,6 +49,7 @@ class ReferenceModel(Callback):
         dtype: Optional[str] = None,
         model_attr: str = "model",
         check_tokenizer: bool = True,
+        cache: bool = True,
     ) -> None:
         if not isinstance(path, str) or not path:
             raise ConfigError(f"ReferenceModel.path must be a model path or name, got {path!r}")
@@ -54,6 +60,8 @@ class ReferenceModel(Callback):
         self.check_tokenizer = check_tokenizer
         self.model: torch.nn.Module | None = None
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cache = bool(cache)
+        self._samples: SampleCache | None = None  # per training sample, refilled at each fit start
 
     # ------------------------------------------------------------------ life cycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -69,7 +77,7 @@ class ReferenceModel(Callback):
             model = load_causal_lm(source, gguf_file=self.gguf_file, dtype=self.dtype or dtype_name(param.dtype))
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
-        ours = trained.get_output_embeddings().weight.shape[0]
+        ours = sharding.num_rows(trained.get_output_embeddings().weight, trained)
         theirs = model.get_output_embeddings().weight.shape[0]
         if ours != theirs:
             raise ConfigError(
@@ -79,7 +87,10 @@ class ReferenceModel(Callback):
         if self.check_tokenizer:
             self._check_tokenizer(trainer, pl_module, source, where)
         model.requires_grad_(False)
-        self.model = model.to(param.device).eval()
+        if sharding.is_sharded(trained):  # FSDP2: the frozen reference is sharded as the trained model is
+            self.model = sharding.shard_model(model, sharding.mesh_of(trained), reshard_root=True).eval()
+        else:
+            self.model = model.to(param.device).eval()
         rank_zero_info(f"ReferenceModel: loaded {source}")
 
     def _check_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: str, where: str) -> None:
@@ -104,6 +115,7 @@ class ReferenceModel(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.model = None
         self._cache = None
+        self._samples = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._cache = None
@@ -118,8 +130,13 @@ class ReferenceModel(Callback):
             return self._cache[1]
         if self.model is None:
             raise RuntimeError("ReferenceModel: no model loaded (it is loaded at fit start)")
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-        nll = per_token_nll(out.logits, batch["labels"])
+        if self.cache and self._samples is None:
+            self._samples = SampleCache()
+        nll, keys = self._samples.get(batch, response_mask(batch["labels"])) if self._samples is not None else (None, None)
+        if not sharding.everywhere(nll is not None, sharding.is_sharded(self.model)):  # FSDP2: all ranks or none
+            nll = per_token_nll(response_logits(self.model, batch), batch["labels"])
+            if self._samples is not None:
+                self._samples.put(keys, response_mask(batch["labels"]), nll)
         self._cache = (key, nll)
         return nll
 

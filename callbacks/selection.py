@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 from typing import Any, Literal, Mapping, Optional
@@ -12,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sstoken_pl import selection
+from sstoken_pl import selection, sharding
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, response_mask as response_positions
 from sstoken_pl.models import response_logits
@@ -130,6 +132,8 @@ class TokenSelection(Callback):
         self._last: tuple[Any, ...] | None = None
         self._log_dir: str | None = None
         self._logged_step = -1  # under gradient accumulation, log each optimizer step's samples once
+        self._empty: torch.Tensor | None = None  # batches that trained on no token (on the device: no host sync)
+        self._empty_loaded = 0  # ... counted before a resume
 
     # ------------------------------------------------------------------ the token-selector protocol
     @property
@@ -147,6 +151,7 @@ class TokenSelection(Callback):
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_dir = trainer.log_dir  # on every rank: under DDP, log_dir is a collective call
+        sharding.check_loss_normalization(trainer, self.loss_normalization, "TokenSelection.loss_normalization")
         providers: dict[str, Any] = {}
         for cb in trainer.callbacks:
             for name in getattr(cb, "provides", ()):
@@ -187,6 +192,13 @@ class TokenSelection(Callback):
         self._called = False
         if self.rule == "global_threshold" and self.threshold is None and trainer.global_step >= self.warmup_steps:
             self.threshold = self._scoring_pass(trainer, pl_module)
+        # Inputs of other models (history, reference) before the training forward: their no-grad forwards then never
+        # coexist with the training graph, so the step's peak memory is the training forward's alone.
+        attention = self._providers.get("attention")
+        with attention.paused() if attention is not None else contextlib.nullcontext():  # not the history's forward
+            for name in self._needs_at(trainer.global_step):
+                if name not in CURRENT_INPUTS and name != "attention" and name in self._providers:
+                    self._providers[name].token_input(name, pl_module, batch)
 
     def select(
         self,
@@ -201,6 +213,7 @@ class TokenSelection(Callback):
         trainer = pl_module.trainer
         step = trainer.global_step
         if step < self.warmup_steps:
+            self._log(pl_module, {"train/empty_batches": self._count_empty(response_mask, response_mask)})
             self._log(pl_module, {"selection/kept_fraction": torch.ones((), device=response_mask.device)})
             return response_mask
         options = self._options_at(step)
@@ -210,6 +223,7 @@ class TokenSelection(Callback):
         if self.keep_end_of_turn:
             scores = torch.where(selection.end_of_turn_mask(response_mask), torch.inf, scores)
         kept = self._apply_rule(scores, response_mask, generator)
+        self._log(pl_module, {"train/empty_batches": self._count_empty(kept, response_mask)})
         self._log(pl_module, self._stats(batch, values, response_mask, kept))
         if self.log_samples_every:
             self._last = (batch["input_ids"].detach(), response_mask.detach(), kept.detach() > 0, batch.get("index"), batch.get("noise"))
@@ -244,6 +258,18 @@ class TokenSelection(Callback):
         return selection.threshold_mask(scores, response_mask, self.threshold) | (
             response_mask & (scores == torch.inf)
         )
+
+    def _count_empty(self, kept: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """The running count of batches that train on no token — every response token truncated away, or none kept
+        (their loss is 0, never NaN) — including this one; logged as ``train/empty_batches``."""
+        empty = ((kept.float() * response_mask).sum() == 0).to(torch.int64)
+        self._empty = empty + (self._empty_loaded if self._empty is None else self._empty.to(empty.device))
+        return self._empty
+
+    @property
+    def empty_batches(self) -> int:
+        """Training batches so far (resumed runs included) that trained on no token."""
+        return self._empty_loaded if self._empty is None else int(self._empty)
 
     def _stats(self, batch, values: Mapping[str, torch.Tensor], resp: torch.Tensor, kept: torch.Tensor) -> dict:
         w = kept.float()
@@ -364,7 +390,9 @@ class TokenSelection(Callback):
             "early_gamma": self.early_gamma,
             "early_fraction": self.early_fraction,
             "warmup_steps": self.warmup_steps,
+            "seed": self.seed,  # with Lightning's restored batch count, it gives each step's generator (_generator)
             "threshold": self.threshold,
+            "empty_batches": self.empty_batches,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -375,7 +403,8 @@ class TokenSelection(Callback):
             )
         if state_dict.get("rule", self.rule) == self.rule and state_dict.get("ratio") == self.ratio:
             self.threshold = state_dict.get("threshold")  # the global threshold is not recomputed on resume
-        settings = {k: v for k, v in state_dict.items() if k not in ("threshold", "method")}
+        self._empty, self._empty_loaded = None, int(state_dict.get("empty_batches", 0))
+        settings = {k: v for k, v in state_dict.items() if k not in ("threshold", "method", "empty_batches")}
         changed = {k: (v, getattr(self, k)) for k, v in settings.items() if getattr(self, k, v) != v}
         if changed:
             rank_zero_warn(f"TokenSelection: resuming with other settings than the checkpoint's (was, now): {changed}")

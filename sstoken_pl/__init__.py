@@ -37,13 +37,16 @@ def _map_callbacks_source() -> None:
 _map_callbacks_source()
 
 from sstoken_pl.errors import ConfigError, DataError, SSTokenError  # noqa: E402
-from sstoken_pl.loss import per_token_nll, response_mask, token_loss  # noqa: E402
+from sstoken_pl.loss import per_token_nll, prediction_mask, response_mask, token_loss  # noqa: E402
+from sstoken_pl.models import response_logits  # noqa: E402
 
 __all__ = [
     "ConfigError",
     "DataError",
     "SSTokenError",
     "per_token_nll",
+    "prediction_mask",
+    "response_logits",
     "response_mask",
     "token_loss",
     "__version__",

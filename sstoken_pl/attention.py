@@ -299,6 +299,16 @@ class PromptAttentionProbe:
     def armed(self) -> bool:
         return self._armed is not None
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within the block, forwards through the layer are not captured and leave the probe armed as it was (for
+        another model's forward through the same layers: a history model with adapters off or other weights)."""
+        armed, self._armed = self._armed, None
+        try:
+            yield
+        finally:
+            self._armed = armed
+
     def take(self) -> torch.Tensor:
         """The captured ``FloatTensor[B, T]`` (float32); clears it. ``RuntimeError`` if nothing was captured."""
         scores, self._scores = self._scores, None

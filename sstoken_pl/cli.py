@@ -2,6 +2,13 @@
 
 Errors caused by the user's input (``SSTokenError``: configs, data files, model paths) are printed as one line
 and exit with status 2, without a traceback.
+
+Resuming (``fit --ckpt_path``) continues exactly where the checkpoint was written, also mid-epoch: checkpoints are
+written atomically (``AtomicCheckpointIO``), carry the random generators' states (``ExactResume``) and the training
+data position (``SFTDataModule.state_dict``), and SIGTERM / Ctrl-C write one before stopping (``SaveOnInterrupt``,
+options under ``interrupt``). A checkpoint whose saved state does not fit this run's config (another model, LoRA
+shape, history mode or selection method) is refused with one clear error; the run's config is not replaced by the
+checkpoint's hyper-parameters, as LightningCLI would otherwise do silently.
 """
 
 from __future__ import annotations
@@ -16,16 +23,19 @@ from sstoken_pl.errors import ConfigError, SSTokenError
 
 
 class SSTokenCLI(LightningCLI):
-    """LightningCLI with the held-out answer-accuracy evaluation under the ``eval`` key."""
+    """LightningCLI with the held-out answer-accuracy evaluation under the ``eval`` key, checkpointing on SIGTERM and
+    Ctrl-C under the ``interrupt`` key, atomic checkpoints and exact resumes."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        from sstoken_pl.callbacks import SaveOnInterrupt
         from sstoken_pl.evaluation import AnswerAccuracy
 
         parser.add_lightning_class_args(AnswerAccuracy, "eval")
         parser.set_defaults({"eval.num_problems": 0})
+        parser.add_lightning_class_args(SaveOnInterrupt, "interrupt")
 
     def instantiate_trainer(self, **kwargs):
-        from sstoken_pl.callbacks import AttentionScore, HistoryModel, ReferenceModel, TokenSelection
+        from sstoken_pl.callbacks import AttentionScore, ExactResume, HistoryModel, ReferenceModel, TokenSelection
 
         # Before the Trainer exists: Lightning would refuse two stateful callbacks of a kind with a traceback.
         # `_get` reads the trainer config with or without a subcommand (`run=False`, as tools/bench_step.py uses).
@@ -37,13 +47,95 @@ class SSTokenCLI(LightningCLI):
                     f"composed with a config that already has one (configs/quickstart.yaml includes ssToken's "
                     f"callbacks; use --trainer.callbacks=[] before the method config to replace them)"
                 )
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
+            trainer.callbacks.append(ExactResume())  # last: it restores the generators after every other start hook
+        use_atomic_checkpoints(trainer)
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyper-parameters while parsing: check the file before it does
-        if self.config.get("subcommand"):
-            check_checkpoint(self.config[self.config.subcommand].get("ckpt_path"))
-        super()._parse_ckpt_path()
+        if not self.config.get("subcommand"):
+            return super()._parse_ckpt_path()
+        check_checkpoint(self.config[self.config.subcommand].get("ckpt_path"))
+        if self.config.subcommand != "fit":
+            # validate/test: the model settings default to the checkpoint's, as LightningCLI does
+            super()._parse_ckpt_path()
+        # fit: the run's own config stays, and before_fit refuses a checkpoint it does not fit (LightningCLI would
+        # silently replace the model config by the checkpoint's, so a changed setting would be ignored unseen)
+
+    def before_fit(self) -> None:
+        check_resume(self._get(self.config_init, "ckpt_path"), self.model, self.trainer)
+
+
+def use_atomic_checkpoints(trainer) -> None:
+    """Checkpoints written through ``AtomicCheckpointIO`` unless the strategy or the user chose another CheckpointIO."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from sstoken_pl.checkpoint_io import AtomicCheckpointIO
+
+    strategy = trainer.strategy
+    if type(getattr(strategy, "_checkpoint_io", None) or strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def _callback_state(states: dict, kind: type):
+    """The state a callback of ``kind`` saved in a checkpoint's ``callbacks`` (keys: its ``state_key``)."""
+    name = kind.__qualname__
+    return next((v for k, v in states.items() if str(k) == name or str(k).startswith(name + "{")), None)
+
+
+def check_resume(path, module, trainer) -> None:
+    """``fit --ckpt_path``: one ``ConfigError`` listing what makes the checkpoint's state meaningless for this run —
+    another model (source, GGUF file or config), full fine-tuning against LoRA or another LoRA shape (``r``,
+    ``target_modules``), a history model added, removed or of another mode, a token-selection method added, removed
+    or changed. Anything else (``trainer.max_steps``, logging, learning rate, ...) may change."""
+    if not path or not isinstance(path, str) or not os.path.isfile(path):
+        return
+    import torch
+
+    from sstoken_pl.callbacks import HistoryModel, TokenSelection
+    from sstoken_pl.module import SFTModule
+
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    problems: list[str] = []
+    if isinstance(module, SFTModule):
+        saved, now = ckpt.get("hyper_parameters") or {}, module.hparams
+        for key in ("model_name_or_path", "gguf_file", "model_config"):
+            if saved.get(key) != now.get(key):
+                problems.append(f"model.{key} was {saved.get(key)!r}, now {now.get(key)!r}")
+        old, new = saved.get("lora"), now.get("lora")
+        if (old is None) != (new is None):
+            def kind(lora):
+                return "full fine-tuning (model.lora: null)" if lora is None else f"LoRA r={lora.get('r')}"
+
+            problems.append(f"trained with {kind(old)}, this run has {kind(new)}")
+        elif old is not None:
+            for key in ("r", "target_modules"):
+                if old.get(key) != new.get(key):
+                    problems.append(f"model.lora.{key} was {old.get(key)!r}, now {new.get(key)!r}")
+    states = ckpt.get("callbacks") or {}
+    callbacks = trainer.callbacks
+    history = next((cb for cb in callbacks if isinstance(cb, HistoryModel)), None)
+    saved_history = _callback_state(states, HistoryModel)
+    if (history is None) != (saved_history is None):
+        had = f"HistoryModel(mode={saved_history.get('mode')!r})" if saved_history is not None else "no HistoryModel"
+        has = f"HistoryModel(mode={history.mode!r})" if history is not None else "none"
+        problems.append(f"trained with {had}, this run has {has}")
+    elif history is not None and saved_history.get("mode") != history.mode:
+        problems.append(f"HistoryModel.mode was {saved_history.get('mode')!r}, now {history.mode!r}")
+    selection = next((cb for cb in callbacks if isinstance(cb, TokenSelection)), None)
+    saved_selection = _callback_state(states, TokenSelection)
+    old_method = None if saved_selection is None else saved_selection.get("method", "sstoken")
+    new_method = None if selection is None else selection.method_name
+    if old_method != new_method:
+        name = lambda m: "plain SFT (no TokenSelection)" if m is None else f"method {m!r}"  # noqa: E731
+        problems.append(f"token selection was {name(old_method)}, now {name(new_method)}")
+    if problems:
+        raise ConfigError(
+            f"ckpt_path: {path} cannot be resumed with this config: {'; '.join(problems)}. Resume with the settings it "
+            f"was trained with (the run folder's config.yaml), or start a new run without --ckpt_path"
+        )
 
 
 def check_checkpoint(path) -> None:
@@ -106,5 +198,10 @@ def _user_error(err: BaseException) -> SSTokenError | None:
         seen.add(id(e))
         if isinstance(e, SSTokenError):
             return e
+        if isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e):
+            # a checkpoint of another architecture: torch's message lists every mismatch; the first one is enough
+            details = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+            first = details[0] if details else str(e).splitlines()[0]
+            return ConfigError(f"ckpt_path: the checkpoint's weights do not fit this model ({first.rstrip('.')})")
         stack += [e.__cause__, e.__context__]
     return None

@@ -38,7 +38,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from sstoken_pl.errors import ConfigError, DataError
 from sstoken_pl.loss import IGNORE_INDEX
@@ -306,6 +306,70 @@ def noise_flags(
     return flags if text[:n] == completion[:n] else None
 
 
+class ResumableSampler(DistributedSampler):
+    """The training order: a seeded shuffle per epoch, which a checkpoint can resume part-way through an epoch.
+
+    On one process the order is exactly that of ``DataLoader(shuffle=True, batch_size=batch_size,
+    generator=torch.Generator().manual_seed(seed))`` as Lightning iterates it, one iterator per epoch that stops
+    after ``len(loader)`` batches (so runs keep the data order they had before this sampler existed). Across
+    ``num_replicas`` processes each rank takes every ``num_replicas``-th index of that same order, padded to a
+    multiple of ``num_replicas`` as ``DistributedSampler`` pads; being a ``DistributedSampler``, Lightning uses it as
+    it is instead of wrapping it (under DDP the order therefore follows ``data.seed``, no longer the global seed).
+
+    The order of an epoch is a function of ``(seed, epoch)`` only: Lightning's ``set_epoch`` picks it, and
+    ``resume(epoch, start)`` makes the next iteration be ``epoch`` from this rank's ``start``-th index on (the
+    samples of the batches a checkpoint had already trained on), whatever ``set_epoch`` said in between (Lightning
+    may iterate the training loader once before it restores the loops).
+    """
+
+    def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0, batch_size: int = 1) -> None:
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self._resume_at: Optional[tuple[int, int]] = None
+
+    def order(self, epoch: int) -> list[int]:
+        """The permutation of all ``len(dataset)`` indices for ``epoch`` (before sharding across ranks)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        n = len(self.dataset)
+        order = torch.arange(n)
+        for _ in range(epoch + 1):  # what a shuffling DataLoader draws per epoch from its generator:
+            torch.empty((), dtype=torch.int64).random_(generator=generator)  # its iterator's base seed,
+            order = torch.randperm(n, generator=generator)  # RandomSampler's permutation,
+            if n % self.batch_size:  # and, asked past its end for the last partial batch, one for the remainder
+                torch.randperm(n, generator=generator)
+        return order.tolist()
+
+    def resume(self, epoch: int, start: int) -> None:
+        """The next iteration is ``epoch``'s, from this rank's ``start``-th index on."""
+        self._resume_at = (int(epoch), int(start))
+
+    def __iter__(self):
+        epoch, start = self.epoch, 0
+        if self._resume_at is not None:
+            (epoch, start), self._resume_at = self._resume_at, None
+            self.epoch = epoch
+        indices = self.order(epoch)
+        if self.total_size > len(indices):  # pad by repeating from the start, as DistributedSampler does
+            indices += (indices * (self.total_size // len(indices) + 1))[: self.total_size - len(indices)]
+        return iter(indices[self.rank : self.total_size : self.num_replicas][start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """The training ``DataLoader`` of ``SFTDataModule``. It has ``state_dict``/``load_state_dict`` so that Lightning
+    treats it as resumable (and does not warn that a mid-epoch resume replays data), but the position itself is saved
+    by ``SFTDataModule.state_dict``: Lightning restores a loader's own state only if it builds the loader after
+    restoring the loops, which it does not when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``
+    (``SFTModule`` does; Lightning issue #20550), and a loader cannot tell the batches trained on from those its
+    fetcher prefetched.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 class SFTDataModule(pl.LightningDataModule):
     """SFT data: records from files, a hub dataset or the built-in synthetic task, tokenised with their labels.
 
@@ -382,6 +446,8 @@ class SFTDataModule(pl.LightningDataModule):
         self.val_dataset: Any = None
         self.dropped: dict[str, int] = {}
         self.noise_unplaced: dict[str, int] = {}
+        self._train_sampler: Optional[ResumableSampler] = None
+        self._resume_position: Optional[dict[str, Any]] = None  # from a checkpoint, applied to the next loader
 
     # ------------------------------------------------------------------ tokenizer
     def _resolve_tokenizer(self) -> Any:
@@ -527,16 +593,68 @@ class SFTDataModule(pl.LightningDataModule):
         self.val_dataset = self._tokenise(self.val_samples, "validation") if self.val_samples else None
 
     # ------------------------------------------------------------------ loaders
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled by ``data.seed`` (``ResumableSampler``); a resumed run continues the epoch where its checkpoint
+        left it (the position is in the checkpoint: ``state_dict``)."""
         self._check_val_interval()
-        return DataLoader(
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(
+            len(self.train_dataset), self.seed, num_replicas=replicas, rank=rank, batch_size=self.batch_size
+        )
+        if self._resume_position is not None:
+            self._apply_position(sampler, self._resume_position)
+            self._resume_position = None
+        self._train_sampler = sampler
+        return ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
+            # the sampler shuffles; this generator only feeds the iterators' worker base seed (which would otherwise
+            # be drawn from torch's global RNG and shift dropout and everything else seeded by it)
             generator=torch.Generator().manual_seed(self.seed),
             collate_fn=SFTCollator(self.pad_token_id),
             num_workers=self.num_workers,
         )
+
+    # ------------------------------------------------------------------ resuming
+    def _position_key(self, num_replicas: int) -> dict[str, int]:
+        """What a saved position depends on: resuming it under other values would skip the wrong samples."""
+        return {
+            "num_samples": len(self.train_dataset),
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "num_replicas": num_replicas,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position, saved in checkpoints: the epoch of the order and the batches of it this rank
+        has trained on (Lightning's count of processed batches: the loader itself has already prefetched more)."""
+        trainer, sampler = self.trainer, self._train_sampler
+        if trainer is None or sampler is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        position = {"epoch": sampler.epoch, "batches": batches, **self._position_key(sampler.num_replicas)}
+        return {"train_position": position}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_position = state_dict.get("train_position")
+
+    def _apply_position(self, sampler: ResumableSampler, position: Mapping[str, Any]) -> None:
+        expected = self._position_key(sampler.num_replicas)
+        saved = {k: position.get(k) for k in expected}
+        if saved != expected:
+            changed = {k: (saved[k], expected[k]) for k in expected if saved[k] != expected[k]}
+            rank_zero_warn(
+                f"data: the checkpoint's training data position does not fit this run's data (was, now: {changed}); "
+                f"the epoch restarts from its first batch in the new order"
+            )
+            return
+        start = int(position["batches"]) * self.batch_size
+        epoch = int(position["epoch"])
+        if start >= sampler.num_samples:  # saved at the end of an epoch: the next one starts from its beginning
+            epoch, start = epoch + 1, 0
+        sampler.resume(epoch, start)
 
     def _check_val_interval(self) -> None:
         """A ``trainer.val_check_interval`` (in batches) longer than an epoch is one clear error, not a traceback."""

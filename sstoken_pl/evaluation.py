@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
+from sstoken_pl import sharding
 from sstoken_pl.data import extract_final_answer
 from sstoken_pl.errors import ConfigError
 
@@ -36,9 +37,11 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int,
     progress: Any = None,
+    synced: bool = False,
 ) -> list[str]:
     """Greedy completions of token-id prompts (left-padded batches), decoded without special tokens.
-    ``progress(n)`` is called after each batch with the number of prompts done in it."""
+    ``progress(n)`` is called after each batch with the number of prompts done in it. ``synced``: every rank runs
+    the same generation in lockstep (a sharded model's forward is a collective: no rank may stop early)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     outputs: list[str] = []
@@ -57,6 +60,7 @@ def generate_answers(
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
+            **({"synced_gpus": True} if synced else {}),
         )
         outputs.extend(tokenizer.batch_decode(out[:, width:], skip_special_tokens=True))
         if progress is not None:
@@ -97,7 +101,8 @@ class AnswerAccuracy(Callback):
         model.eval()
         try:
             texts = generate_answers(
-                model, tokenizer, [p["prompt_ids"] for p in problems], self.max_new_tokens, self.batch_size
+                model, tokenizer, [p["prompt_ids"] for p in problems], self.max_new_tokens, self.batch_size,
+                synced=sharding.is_sharded(model),
             )
         finally:
             model.train(was_training)
@@ -107,9 +112,13 @@ class AnswerAccuracy(Callback):
         return (float(metric.compute()) if problems else float("nan")), len(problems)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
-        if self.num_problems == 0 or not trainer.is_global_zero:
+        # Under FSDP2 every rank generates (in lockstep: each forward gathers the shards), rank 0 reports; otherwise
+        # rank 0 alone generates and the other ranks wait for it at their next collective.
+        if self.num_problems == 0 or not (trainer.is_global_zero or sharding.is_sharded(pl_module.model)):
             return
         acc, n = self.evaluate(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
         self.results[when] = acc
         rank_zero_info(f"Answer accuracy {when} training: {acc:.1%} ({round(acc * n)}/{n} held-out problems)")
         if trainer.logger is not None:
@@ -121,6 +130,8 @@ class AnswerAccuracy(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.num_problems:
+            sharding.check_gathering(trainer, "eval (answer accuracy)", "eval.num_problems: 0")
         if self.before:
             self._run(trainer, pl_module, "before")
 

@@ -189,6 +189,10 @@ def token_selector(pl_module: Any) -> TokenSelector | None:
 def token_loss(pl_module: Any, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
     """The training loss of every module, ours or a user's: mean NLL over the kept response tokens.
 
+    ``logits``: the model's ``[B, T, V]`` logits, or — cheaper — only the rows that predict a response token,
+    ``[N, V]``: ``sstoken_pl.models.response_logits(model, batch)``, i.e. a Hugging Face causal LM called with
+    ``logits_to_keep=prediction_mask(batch["labels"])``, which applies the LM head at those rows only.
+
     With no token selector (``TokenSelection``) on the trainer, or outside training, every response token is kept:
     plain SFT. With one, its mask (computed from this batch's per-token inputs, before backward) picks the kept
     tokens; a selector that weights rather than drops gives the weighted mean ``Σ w·NLL / Σ w``. A batch with no

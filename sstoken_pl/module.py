@@ -13,9 +13,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
+from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, response_mask, token_loss
-from sstoken_pl.models import load_causal_lm, torch_dtype
+from sstoken_pl.loss import token_selector
+from sstoken_pl.models import load_causal_lm, response_logits, torch_dtype
 from sstoken_pl.tokenizer import load_tokenizer
 
 
@@ -162,6 +164,9 @@ class SFTModule(pl.LightningModule):
                 model = get_peft_model(model, config)
             except ValueError as err:  # e.g. target modules that the model does not have
                 raise ConfigError(f"model.lora: {err}") from err
+        if self._trainer is not None and sharding.is_model_parallel(self.trainer.strategy):
+            # FSDP2: each decoder layer, then the root (sstoken_pl.sharding; the callbacks follow the sharding)
+            sharding.shard_model(model, sharding.data_parallel_mesh(self.trainer.strategy, self))
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -173,7 +178,7 @@ class SFTModule(pl.LightningModule):
         check_fit_settings(self, self.trainer)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = response_logits(self.model, batch)  # the LM head at response rows only, where the model allows
         loss = token_loss(self, batch, logits)
         finite = torch.isfinite(loss.detach()).float()
         if self.trainer.world_size > 1:  # every rank skips together, or DDP would wait forever
@@ -193,7 +198,7 @@ class SFTModule(pl.LightningModule):
         self.token_step.finish(self.trainer, optimizer)  # plain SFT's step-wide token mean (loss_normalization)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["attention_mask"])
+        logits = response_logits(self.model, batch)
         nll = per_token_nll(logits, batch["labels"])
         mask = response_mask(batch["labels"])
         n = mask.sum()
@@ -237,7 +242,10 @@ class SFTModule(pl.LightningModule):
         if not self.hparams.export:
             return
         path = os.path.join(run_dir(self.trainer), "hf_model")  # on every rank: log_dir is a collective call
-        if self.trainer.is_global_zero:
+        if sharding.is_sharded(self.model):  # FSDP2: every rank gathers its shards to rank 0, which saves
+            sharding.export_sharded_hf(self.model, self.tokenizer, path, self.trainer.is_global_zero)
+            rank_zero_info(f"Exported the fine-tuned model to {path}")
+        elif self.trainer.is_global_zero:
             export_hf(self, path)
             rank_zero_info(f"Exported the fine-tuned model to {path}")
         self.trainer.strategy.barrier("sstoken_pl.export")
@@ -251,7 +259,11 @@ def check_fit_settings(module: "SFTModule", trainer: pl.Trainer) -> None:
             "model.dtype: float16 parameters train without loss scaling and overflow (NaN within a few steps); use "
             "bfloat16, or float32 parameters with trainer.precision: 16-mixed (which scales the loss)"
         )
-    rows = model.get_input_embeddings().weight.shape[0]
+    if module.hparams.export:
+        sharding.check_gathering(trainer, "model.export", "model.export: false")
+    if token_selector(module) is None:  # with a TokenSelection, its own loss_normalization applies (checked there)
+        sharding.check_loss_normalization(trainer, module.loss_normalization, "model.loss_normalization")
+    rows = sharding.num_rows(model.get_input_embeddings().weight, model)  # DTensor / ZeRO-3 placeholders alike
     tokenizer = module.tokenizer
     if tokenizer is not None and len(tokenizer) > rows:
         raise ConfigError(

@@ -50,3 +50,25 @@ def test_a_non_finite_loss_skips_the_batch(tiny_llama, monkeypatch):
     t.fit(module, train_dataloaders=loader(random_batches(4)))
     assert module.skipped_nonfinite == 1
     assert all(torch.isfinite(p).all() for p in module.model.parameters()), "the NaN never reached the weights"
+
+
+def test_a_checkpoint_of_other_weights_is_one_line(tmp_path, capsys):
+    """Same settings, other parameter shapes (a model folder replaced since): one line, not torch's mismatch list."""
+    from sstoken_pl.cli import main
+
+    args = ["fit", "--config", "configs/tiny.yaml", "--model.export=false", "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false", "--trainer.limit_val_batches=0", "--data.synthetic.num_train=16",
+            f"--trainer.default_root_dir={tmp_path}"]
+    main([*args, "--trainer.max_steps=1"])
+    path = next(tmp_path.glob("checkpoints/*.ckpt"))
+    ckpt = torch.load(path, weights_only=True)
+    name = next(k for k in ckpt["state_dict"] if k.endswith("q_proj.weight"))
+    ckpt["state_dict"][name] = ckpt["state_dict"][name][:-1]
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--trainer.max_steps=2", f"--ckpt_path={tmp_path / 'other.ckpt'}"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "Traceback" not in err, err[-3000:]
+    assert last.startswith("error: ckpt_path: the checkpoint's weights do not fit this model (size mismatch for"), last
