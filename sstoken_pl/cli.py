@@ -38,7 +38,7 @@ class SSTokenCLI(LightningCLI):
         from sstoken_pl.callbacks import AttentionScore, ExactResume, HistoryModel, ReferenceModel, TokenSelection
 
         # Before the Trainer exists: Lightning would refuse two stateful callbacks of a kind with a traceback.
-        # `_get` reads the trainer config with or without a subcommand (`run=False`, as tools/bench_step.py uses).
+        # `_get` reads the trainer config with or without a subcommand (`run=False`, as tools/bench.py uses).
         callbacks = kwargs.get("callbacks") or self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         for kind in (HistoryModel, AttentionScore, ReferenceModel, TokenSelection):
             if sum(isinstance(cb, kind) for cb in callbacks) > 1:

@@ -1,4 +1,4 @@
-"""The tools in ``tools/`` as a user runs them: the step-time benchmark and the run inspector."""
+"""The tools in ``tools/`` as a user runs them: the benchmark and the run inspector."""
 
 import os
 import re
@@ -16,12 +16,17 @@ def tool(name, *args, timeout=300):
     )
 
 
-def test_bench_step_reports_a_ratio_per_method():
-    out = tool("bench_step.py", "--steps", "2", "--warmup", "1", "--repeats", "1", "--methods", "full", "sstoken")
+def test_bench_reports_step_time_and_memory_ratios():
+    out = tool("bench.py", "--lengths", "48", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1",
+               "--methods", "full", "sstoken", "sstoken_cached", "authors")
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = dict(re.findall(r"^(full|sstoken)\s+[0-9.]+\s+([0-9.]+)x$", out.stdout, flags=re.M))
-    assert set(rows) == {"full", "sstoken"}, out.stdout
-    assert float(rows["full"]) == 1.0 and float(rows["sstoken"]) > 0
+    rows = dict(re.findall(r"^\| (full|sstoken|sstoken_cached|authors) \| [0-9.]+ \| ([0-9.]+)× \|", out.stdout, flags=re.M))
+    assert set(rows) == {"full", "sstoken", "sstoken_cached", "authors"}, out.stdout
+    assert float(rows["full"]) == 1.0
+    ratios = dict(re.findall(r"^(sstoken/full step-time|sstoken/full peak-memory|authors/sstoken step-time) ratio: ([0-9.]+)$",
+                             out.stdout, flags=re.M))
+    assert len(ratios) == 3 and all(float(v) > 0 for v in ratios.values()), out.stdout
+    assert re.search(r"history cache: [1-9]\d* hits", out.stdout), "the cached row is served from the cache"
 
 
 def test_inspect_run_summarises_selection_and_samples(tmp_path):

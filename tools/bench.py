@@ -20,7 +20,7 @@ one no-grad forward per step.
 
 Reported per sequence length: median seconds per optimizer step, peak memory (CUDA: ``max_memory_allocated``;
 CPU: the process's resident set, sampled every millisecond during the method's timed steps, with glibc told to
-return large blocks to the system), and both as ratios to ``full``. Then, for the longest length, the lines
+return large blocks to the system and its freed heap trimmed before each method), and both as ratios to ``full``. Then, for the longest length, the lines
 
     sstoken/full step-time ratio: X
     attn_only/full step-time ratio: X
@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import importlib
 import math
 import os
@@ -65,6 +67,9 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
+            gc.collect()
+            if sys.platform.startswith("linux"):  # hand freed heap pages back, so earlier methods' peaks do not linger
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -171,20 +176,23 @@ def authors_training_step(self, batch: dict, batch_idx: int):
 
 
 class StepClock:
-    """Seconds of each training batch after ``warmup`` untimed ones, and the peak memory over the timed ones."""
+    """Seconds of each training batch after ``warmup`` untimed ones, and the peak memory over the timed ones. Its
+    ``start`` callback goes first on the trainer and its ``stop`` callback last, so that every other callback's batch
+    hooks (a history prefetch at batch start, an EMA update at batch end) are inside the timed step."""
 
     def __init__(self, warmup: int, cuda: bool) -> None:
         import lightning.pytorch as pl
 
         clock = self
 
-        class _Callback(pl.Callback):
+        class Start(pl.Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 if batch_idx == warmup:
                     clock.memory = PeakMemory(cuda).__enter__()
                 clock._sync()
                 clock._t0 = time.perf_counter()
 
+        class Stop(pl.Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                 clock._sync()
                 if batch_idx >= warmup:
@@ -195,7 +203,7 @@ class StepClock:
                     clock.memory.__exit__()
 
         self.cuda = cuda
-        self.callback = _Callback()
+        self.start, self.stop = Start(), Stop()
         self.times: list[float] = []
         self.memory: PeakMemory | None = None
         self._t0 = 0.0
@@ -215,7 +223,7 @@ def run_method(module, method: str, batches: list[dict], warmup: int, reference:
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=method_callbacks(method, reference) + [clock.callback],
+        callbacks=[clock.start] + method_callbacks(method, reference) + [clock.stop],
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
     if method == "authors":
@@ -294,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import logging
 
+    import lightning.pytorch  # noqa: F401 - sets its loggers' levels on import; ours come after
     import torch
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
