@@ -97,12 +97,19 @@ def per_token_nll(
         logits = logits[:, :-1][valid[:, 1:]]  # the predicting rows: [N, V]
     elif logits.dim() != 2:
         raise ValueError(f"per_token_nll: logits must be [B, T, V] or response rows [N, V], got {tuple(logits.shape)}")
-    targets = labels.masked_select(valid)
-    if logits.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"per_token_nll: {logits.shape[0]} rows of logits for {targets.shape[0]} response targets; row logits must "
-            f"come from logits_to_keep=prediction_mask(labels) of the same labels"
-        )
+    # N, the number of targets, is the logits' row count (known on the host): the targets are gathered without a
+    # device-to-host sync, and the count is checked asynchronously on an accelerator.
+    n = logits.shape[0]
+    count = valid.sum()
+    if valid.device.type == "cpu":
+        if int(count) != n:
+            raise ValueError(
+                f"per_token_nll: {n} rows of logits for {int(count)} response targets; row logits must come from "
+                f"logits_to_keep=prediction_mask(labels) of the same labels"
+            )
+    else:
+        torch._assert_async(count == n, "per_token_nll: row logits do not match the labels' response targets")
+    targets = labels.flatten()[torch.nonzero_static(valid.flatten(), size=n).squeeze(-1)]
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     out = _RowNLL.apply(logits.contiguous(), targets, chunk_size, with_entropy)
