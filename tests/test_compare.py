@@ -41,6 +41,12 @@ def test_compare_end_to_end_and_resume(tmp_path):
     again = tool("compare.py", *args, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") == 4, again.stdout
     assert sorted(p for p in tmp_path.rglob("version_*")) == versions, "finished runs are not redone"
+    args[args.index("--methods") + 1 : args.index("--seeds")] = ["full", "random", "sstoken"]
+    partial = tool("compare.py", *args, "--report-only", timeout=600)
+    assert partial.returncode == 0 and "sstoken seed 0: not run yet" in partial.stdout, partial.stdout + partial.stderr[-2000:]
+    report = (tmp_path / "results.md").read_text()
+    assert "2 of 3 runs finished" in report and "| random |" in report and "| sstoken |" not in report
+    assert sorted(p for p in tmp_path.rglob("version_*")) == versions, "a report runs nothing"
 
 
 def test_a_failed_run_is_one_line_naming_its_log(tmp_path):

@@ -21,7 +21,8 @@ Writes into `--out`:
   runs/<method>/seed<S>/   each run (log.txt, CSV metrics, selection samples, exported model)
 
 A finished run (its `done.json`) is not redone when the command is repeated; an unfinished one is redone from
-scratch. `--dry-run` prints the commands.
+scratch. `--dry-run` prints the commands; `--report-only` writes the report from the runs finished so far (e.g. while another
+invocation is still running the rest) and runs nothing.
 """
 
 from __future__ import annotations
@@ -332,11 +333,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", required=True, help="output folder (reused: finished runs are kept)")
     parser.add_argument("--max-steps", type=int, help="override trainer.max_steps for every run")
-    parser.add_argument("--extra", default="", help="more `fit` arguments for every run, e.g. noise levels")
+    parser.add_argument("--extra", default="", help="more `fit` arguments for every run, e.g. noise levels; a single one as --extra=\"--data.x=1\"")
     parser.add_argument("--reference-args", default=REFERENCE_ARGS, help=f"`fit` arguments of the reference run (default: {REFERENCE_ARGS})")
     parser.add_argument("--log-samples-every", type=int, default=10, help="log selection samples every N steps")
     parser.add_argument("--html-samples", type=int, default=4, help="training samples shown in samples.html")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the finished runs only (while a comparison is still running)")
     args = parser.parse_args(argv)
 
     out = os.path.abspath(args.out)
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(os.path.join(out, "configs"), exist_ok=True)
 
     reference = None
-    if any(needs_reference(m) for m in args.methods):
+    if any(needs_reference(m) for m in args.methods) and not args.report_only:
         ref_dir = os.path.join(out, "reference")
         if os.path.isfile(os.path.join(ref_dir, "done.json")) and newest_model(ref_dir):
             print(f"reference: reusing {ref_dir}")
@@ -370,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
                 results.setdefault(method, {})[seed] = json.load(open(done))["summary"]
                 first = False
                 continue
+            if args.report_only:
+                print(f"{method} seed {seed}: not run yet")
+                continue
             cfg_path = os.path.join(out, "configs", f"{method}_seed{seed}.yaml")
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(method_config(method, seed, run_dir, reference, args.log_samples_every), f, sort_keys=False)
@@ -391,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     header = [
         f"# Token selection compared: {os.path.relpath(config, ROOT)}",
         "",
+        *([f"- **partial report**: {sum(map(len, results.values()))} of {len(args.seeds) * len(args.methods)} runs "
+           f"finished"] if args.report_only else []),
         f"- seeds: {' '.join(map(str, args.seeds))}; extra arguments: `{args.extra or '—'}`; max steps: {args.max_steps or 'from the config'}",
         f"- answer exact match of the base model before training: {_fmt(before and 100 * before, '.1f')}%",
         f"- command: `python tools/compare.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
