@@ -59,7 +59,9 @@ def prompt_attention_mass(
         prompt_mask: ``[B, T]`` bool/int, the prompt keys (padding positions are dropped whatever their value).
         attention_mask: ``[B, T]`` bool/int, 1 on real tokens, 0 on padding (left or right); None: no padding.
         scaling: the factor on ``q · k`` (the attention module's ``scaling``).
-        chunk_size: query positions handled at once; the extra memory is one float32 ``[B, H, chunk_size, T]`` buffer.
+        chunk_size: with ``softcap`` only: query positions handled at once (one float32 ``[B, H, chunk_size, T]``
+            buffer). Without soft-capping the mass comes from one fused ``scaled_dot_product_attention`` whose values
+            are the prompt indicator (``_prompt_mass_sdpa``): no ``[T, T]`` float buffer at all.
         sliding_window: query ``i`` sees keys ``j`` with ``i - sliding_window < j ≤ i`` (as ``transformers``' masks).
         softcap: logit soft-capping ``softcap · tanh(logits / softcap)`` (Gemma-2 style), if the layer uses it.
 
@@ -90,6 +92,8 @@ def prompt_attention_mass(
         if attention_mask is None
         else attention_mask.to(device=device, dtype=torch.bool)
     )
+    if softcap is None:
+        return _prompt_mass_sdpa(query, key, prompt_mask, valid, scaling, sliding_window)
     prompt = (prompt_mask.to(device=device, dtype=torch.bool) & valid).float()[:, None, None, :, None]
     positions = torch.arange(T, device=device)
     mass = torch.zeros(B, T, dtype=torch.float32, device=device)
@@ -113,6 +117,35 @@ def prompt_attention_mass(
             weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
             on_prompt = torch.matmul(weights, prompt).squeeze(-1) / weights.sum(dim=-1)
             mass[:, start:end] = on_prompt.mean(dim=(1, 2))
+    return torch.where(valid, mass, 0.0)
+
+
+def _prompt_mass_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """``prompt_attention_mass`` through one fused ``scaled_dot_product_attention``: the values are the indicator of
+    the prompt keys (in the first of ``D`` value channels, so the kernel is the one the model's attention uses), so
+    the output of each query *is* its attention mass on the prompt; the ``[T, T]`` weights are never materialised
+    (beyond the boolean mask). float32, no autograd."""
+    B, H, T, D = query.shape
+    positions = torch.arange(T, device=query.device)
+    allowed = positions[None, :] <= positions[:, None]  # causal: query i sees keys j ≤ i
+    if sliding_window is not None:
+        allowed &= positions[None, :] > positions[:, None] - sliding_window
+    allowed = allowed[None, None] & valid[:, None, None, :]  # [B, 1, T, T]
+    allowed |= ~valid[:, None, :, None]  # padding queries see everything (no all-masked row); zeroed below
+    with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
+        values = torch.zeros(B, key.shape[1], T, D, dtype=torch.float32, device=query.device)
+        values[..., 0] = (prompt_mask.to(device=query.device, dtype=torch.bool) & valid).float()[:, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), key.float(), values, attn_mask=allowed, scale=scaling, enable_gqa=key.shape[1] != H
+        )
+    mass = out[..., 0].mean(dim=1)
     return torch.where(valid, mass, 0.0)
 
 
