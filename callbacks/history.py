@@ -13,7 +13,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import per_token_nll, response_mask
+from sstoken_pl.loss import per_token_nll
 from sstoken_pl.models import response_logits
 from sstoken_pl.token_cache import SampleCache
 
@@ -170,12 +170,15 @@ class HistoryModel(Callback):
         key = batch["input_ids"]
         if self._cache is not None and self._cache[0] is key:
             return self._cache[1]
-        keys = None
-        if self._samples is not None:  # base history: the same values every epoch
-            nll, keys = self._samples.get(batch, response_mask(batch["labels"]))
-            if sharding.everywhere(nll is not None, self._sharded):  # FSDP2: skip the forward on all ranks or none
-                self._cache = (key, nll)
-                return nll
+        if self._samples is not None:  # base history: the same values every epoch (FSDP2: all ranks hit or none)
+            compute = lambda: self._forward(pl_module, batch)  # noqa: E731
+            nll = self._samples.fetch(batch, compute, lambda hit: sharding.everywhere(hit, self._sharded))
+        else:
+            nll = self._forward(pl_module, batch)
+        self._cache = (key, nll)
+        return nll
+
+    def _forward(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         model = hf_model(pl_module, self.model_attr)
         was_training = model.training
         model.eval()
@@ -189,9 +192,6 @@ class HistoryModel(Callback):
             nll = per_token_nll(logits, batch["labels"])
         finally:
             model.train(was_training)
-        if self._samples is not None:
-            self._samples.put(keys, response_mask(batch["labels"]), nll)
-        self._cache = (key, nll)
         return nll
 
     def token_input(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -11,9 +11,11 @@ padding falls does not matter: values are stored and put back by response positi
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
+
+from sstoken_pl.loss import response_mask
 
 
 class SampleCache:
@@ -57,6 +59,23 @@ class SampleCache:
         self.hits += 1
         flat = torch.cat([f[1] for f in found]).to(mask.device, non_blocking=True)
         return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, flat), keys
+
+    def fetch(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        compute: Callable[[], torch.Tensor],
+        agree: Callable[[bool], bool] = bool,
+    ) -> torch.Tensor:
+        """The batch's values ``[B, T]`` at its response positions: from the cache when every sample is there, else
+        ``compute()`` (then kept). ``agree(hit)`` decides from the local hit whether to use it (under FSDP2 a forward
+        is collective: the forward is skipped only if every rank hits)."""
+        mask = response_mask(batch["labels"])
+        values, keys = self.get(batch, mask)
+        if agree(values is not None):
+            return values
+        values = compute()
+        self.put(keys, mask, values)
+        return values
 
     def put(self, keys: list | None, mask: torch.Tensor, values: torch.Tensor) -> None:
         if keys is None:
