@@ -15,8 +15,14 @@ from torchmetrics import MeanMetric
 
 from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, response_mask, token_loss
-from sstoken_pl.loss import token_selector
+from sstoken_pl.loss import (
+    StepTokenMean,
+    check_loss_normalization,
+    per_token_nll,
+    response_mask,
+    token_loss,
+    token_selector,
+)
 from sstoken_pl.models import load_causal_lm, response_logits, torch_dtype
 from sstoken_pl.tokenizer import load_tokenizer
 
