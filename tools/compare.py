@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "",
     ]
-    per_method = {m: read_samples(os.path.join(out, "runs", m, f"seed{args.seeds[0]}")) for m in args.methods}
+    per_method = {m: read_samples(os.path.join(out, "runs", m, f"seed{args.seeds[0]}")) for m in args.methods if m in results}
     kinds = kinds_table(per_method)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(header) + markdown_table(rows) + "\n")
