@@ -183,15 +183,75 @@ def supports_row_logits(model: torch.nn.Module) -> bool:
     return _ROW_LOGITS[cls]
 
 
-def response_logits(model: torch.nn.Module, batch: Any, call: Any = None, **kwargs: Any) -> torch.Tensor:
+_FUSED_HEAD: dict[type, str] = {}
+
+
+def fused_head_problem(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot give ``HeadRows`` (hidden states + LM head for a fused linear cross-entropy), or None.
+
+    It needs the row slicing of ``supports_row_logits``, a plain ``nn.Linear`` head (not a LoRA-wrapped one), and a
+    forward that does nothing to the logits after the head (Gemma-2's soft-capping, Cohere's logit scale and the
+    like change them: decided from the forward's source)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    cls = type(base)
+    if not supports_row_logits(model):
+        return f"{cls.__name__} does not take a boolean logits_to_keep (transformers ≥ 5 causal LMs do)"
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain nn.Linear (LoRA on lm_head?)"
+    if cls not in _FUSED_HEAD:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        start = source.find("self.lm_head(")
+        end = min((j for j in (source.find("loss = None", start), source.find("if labels is not None", start)) if j > 0),
+                  default=-1)
+        after = source[source.find("\n", start) : end] if start >= 0 and end > start else None
+        _FUSED_HEAD[cls] = (
+            "" if after is not None and "logits" not in after
+            else f"{cls.__name__}'s forward changes the logits after the LM head (soft-capping or scaling)"
+        )
+    return _FUSED_HEAD[cls] or None
+
+
+def response_logits(
+    model: torch.nn.Module, batch: Any, call: Any = None, fused: str | None = None, **kwargs: Any
+) -> Any:
     """The logits ``sstoken_pl.per_token_nll`` / ``token_loss`` need for ``batch``: with a model that supports it
     (``supports_row_logits``) only the rows that predict a response token, ``[N, V]`` — the LM head is never applied
     at prompt or padding positions, which saves most of its time and of the ``[B, T, V]`` memory —, else the full
     ``[B, T, V]``. ``kwargs`` go to the model's forward; ``call`` replaces ``model(**kw)`` (e.g. a
-    ``torch.func.functional_call`` with other weights)."""
-    from sstoken_pl.loss import prediction_mask
+    ``torch.func.functional_call`` with other weights).
 
-    if supports_row_logits(model):
-        kwargs["logits_to_keep"] = prediction_mask(batch["labels"])
-    out = (call or model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
-    return out.logits
+    ``fused`` (``chunked``, ``liger`` or ``cce``): return ``sstoken_pl.loss.HeadRows`` instead — the hidden states at
+    those rows and the LM head, not applied — so that the loss is a fused linear cross-entropy that never holds the
+    ``[N, V]`` logits. The model runs its own forward with the head swapped for the identity for that one call.
+    A model that cannot (``fused_head_problem``) raises one ``ConfigError``."""
+    from sstoken_pl.loss import HeadRows, prediction_mask
+
+    if fused is None:
+        if supports_row_logits(model):
+            kwargs["logits_to_keep"] = prediction_mask(batch["labels"])
+        out = (call or model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
+        return out.logits
+    if call is not None:
+        raise ValueError("response_logits: fused and call do not combine (the head's weights would be the model's)")
+    problem = fused_head_problem(model)
+    if problem is not None:
+        raise ConfigError(f"model.fused_cross_entropy={fused}: {problem}; set model.fused_cross_entropy: null")
+    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    head = base.get_output_embeddings()
+    kwargs["logits_to_keep"] = prediction_mask(batch["labels"])
+    head.forward = _identity  # this one call: the "logits" the model returns are the hidden rows
+    try:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
+    finally:
+        del head.forward
+    return HeadRows(out.logits, head.weight, head.bias, fused)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x

@@ -17,13 +17,14 @@ from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import (
     StepTokenMean,
+    check_fused_cross_entropy,
     check_loss_normalization,
     per_token_nll,
     response_mask,
     token_loss,
     token_selector,
 )
-from sstoken_pl.models import load_causal_lm, response_logits, torch_dtype
+from sstoken_pl.models import fused_head_problem, load_causal_lm, response_logits, torch_dtype
 from sstoken_pl.tokenizer import load_tokenizer
 
 
@@ -80,6 +81,11 @@ class SFTModule(pl.LightningModule):
         loss_normalization: without a ``TokenSelection`` callback, ``step`` (default) averages the NLL over all
             response tokens of the optimizer step (every micro-batch and rank alike), ``micro_batch`` over each
             micro-batch's. With one, the callback's own setting applies.
+        fused_cross_entropy: ``null`` (default) applies the LM head at the response rows and takes the NLL of those
+            logits; ``chunked`` (pure PyTorch, any device), ``liger`` (Liger-Kernel ≥ 0.8.2) or ``cce`` (Cut
+            Cross-Entropy) fuse the head with the loss so that the ``[N, V]`` logits never exist (memory for long
+            responses and large vocabularies; ``chunked`` recomputes the head in backward). ``liger``/``cce`` run
+            on CUDA and fall back to ``chunked`` elsewhere. Not with sharded strategies (FSDP, ZeRO-3).
     """
 
     def __init__(
@@ -100,9 +106,11 @@ class SFTModule(pl.LightningModule):
         export: bool = True,
         init_seed: int = 0,
         loss_normalization: Literal["step", "micro_batch"] = "step",
+        fused_cross_entropy: Optional[Literal["chunked", "liger", "cce"]] = None,
     ) -> None:
         super().__init__()
         self.loss_normalization = check_loss_normalization(loss_normalization, "model.loss_normalization")
+        self.fused_cross_entropy = check_fused_cross_entropy(fused_cross_entropy, "model.fused_cross_entropy")
         self.token_step = StepTokenMean()
         self.skipped_nonfinite = 0
         if (model_name_or_path is None) == (model_config is None):
@@ -184,7 +192,8 @@ class SFTModule(pl.LightningModule):
         check_fit_settings(self, self.trainer)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
-        logits = response_logits(self.model, batch)  # the LM head at response rows only, where the model allows
+        # the LM head at response rows only, where the model allows (or fused with the loss: fused_cross_entropy)
+        logits = response_logits(self.model, batch, fused=self.fused_cross_entropy)
         loss = token_loss(self, batch, logits)
         finite = torch.isfinite(loss.detach()).float()
         if self.trainer.world_size > 1:  # every rank skips together, or DDP would wait forever
@@ -204,7 +213,7 @@ class SFTModule(pl.LightningModule):
         self.token_step.finish(self.trainer, optimizer)  # plain SFT's step-wide token mean (loss_normalization)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = response_logits(self.model, batch)
+        logits = response_logits(self.model, batch, fused=self.fused_cross_entropy)
         nll = per_token_nll(logits, batch["labels"])
         mask = response_mask(batch["labels"])
         n = mask.sum()
@@ -267,6 +276,17 @@ def check_fit_settings(module: "SFTModule", trainer: pl.Trainer) -> None:
         )
     if module.hparams.export:
         sharding.check_gathering(trainer, "model.export", "model.export: false")
+    fused = getattr(module, "fused_cross_entropy", None)
+    if fused is not None:
+        kind = sharding.strategy_kind(trainer.strategy)
+        if sharding.is_sharded(model) or kind == "fsdp1" or (kind == "deepspeed" and sharding.deepspeed_stage(trainer.strategy) >= 3):
+            raise ConfigError(
+                f"model.fused_cross_entropy={fused} reads the LM head's weight outside its module, which a sharded "
+                f"strategy (FSDP, DeepSpeed ZeRO-3) only gathers inside it; set model.fused_cross_entropy: null"
+            )
+        problem = fused_head_problem(model)
+        if problem is not None:
+            raise ConfigError(f"model.fused_cross_entropy={fused}: {problem}; set model.fused_cross_entropy: null")
     if token_selector(module) is None:  # with a TokenSelection, its own loss_normalization applies (checked there)
         sharding.check_loss_normalization(trainer, module.loss_normalization, "model.loss_normalization")
     rows = sharding.num_rows(model.get_input_embeddings().weight, model)  # DTensor / ZeRO-3 placeholders alike

@@ -18,10 +18,11 @@ def tool(name, *args, timeout=300):
 
 def test_bench_reports_step_time_and_memory_ratios():
     out = tool("bench.py", "--lengths", "48", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1",
-               "--methods", "full", "sstoken", "sstoken_cached", "authors")
+               "--methods", "full", "sstoken", "sstoken_cached", "authors", "sstoken_fused")
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = dict(re.findall(r"^\| (full|sstoken|sstoken_cached|authors) \| [0-9.]+ \| ([0-9.]+)× \|", out.stdout, flags=re.M))
-    assert set(rows) == {"full", "sstoken", "sstoken_cached", "authors"}, out.stdout
+    rows = dict(re.findall(r"^\| (full|sstoken|sstoken_cached|authors|sstoken_fused) \| [0-9.]+ \| ([0-9.]+)× \|", out.stdout,
+                           flags=re.M))
+    assert set(rows) == {"full", "sstoken", "sstoken_cached", "authors", "sstoken_fused"}, out.stdout
     assert float(rows["full"]) == 1.0
     ratios = dict(re.findall(r"^(sstoken/full step-time|sstoken/full peak-memory|authors/sstoken step-time) ratio: ([0-9.]+)$",
                              out.stdout, flags=re.M))

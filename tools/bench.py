@@ -16,7 +16,9 @@ cache), ``sstoken_ema``, ``rho1`` (a reference model: a copy of the base model, 
 and ``authors``: the authors' released approach re-implemented for comparison — the training forward with eager
 attention and ``output_attentions=True`` (every layer's ``[B, H, T, T]`` attention materialised), full-vocabulary
 logits at every position, and their separate base-model loss pass (precomputed offline in their code) counted as
-one no-grad forward per step.
+one no-grad forward per step. Extra rows: ``full_fused`` and ``sstoken_fused``, the same with the loss through a
+fused linear cross-entropy (``model.fused_cross_entropy``; ``--fused chunked|liger|cce``, default chunked), which
+never holds the ``[N, V]`` logits.
 
 Reported per sequence length: median seconds per optimizer step, peak memory (CUDA: ``max_memory_allocated``;
 CPU: the process's resident set, sampled every millisecond during the method's timed steps, with glibc told to
@@ -49,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 METHODS = ["full", "attn_only", "rel_only", "sstoken", "sstoken_cached", "sstoken_ema", "rho1", "authors"]
+FUSED = ["full_fused", "sstoken_fused"]  # extra rows: the loss through model.fused_cross_entropy (--fused)
 RATIO_LINES = [("sstoken", "full", "time"), ("attn_only", "full", "time"), ("sstoken", "full", "memory"), ("authors", "sstoken", "time")]
 
 
@@ -120,8 +123,10 @@ def method_callbacks(method: str, reference: str) -> list:
     the batches) serves every timed step: the cost of an epoch after the first."""
     import yaml
 
-    if method in ("full", "authors"):
+    if method in ("full", "authors", "full_fused"):
         return []
+    if method == "sstoken_fused":
+        method = "sstoken"
     if method == "sstoken_cached":
         if method not in _KEPT:
             _KEPT[method] = method_callbacks("sstoken", reference)
@@ -215,7 +220,9 @@ class StepClock:
             torch.cuda.synchronize()
 
 
-def run_method(module, method: str, batches: list[dict], warmup: int, reference: str, accelerator: str) -> tuple[list[float], int]:
+def run_method(
+    module, method: str, batches: list[dict], warmup: int, reference: str, accelerator: str, fused: str = "chunked"
+) -> tuple[list[float], int]:
     import lightning.pytorch as pl
     import torch
 
@@ -229,10 +236,14 @@ def run_method(module, method: str, batches: list[dict], warmup: int, reference:
     if method == "authors":
         module.training_step = types.MethodType(authors_training_step, module)
         module.model.set_attn_implementation("eager")
+    configured = module.fused_cross_entropy
+    if method in FUSED:
+        module.fused_cross_entropy = fused
     try:
         with warnings_quiet():
             trainer.fit(module, train_dataloaders=loader)
     finally:
+        module.fused_cross_entropy = configured
         if method == "authors":
             del module.training_step
             module.model.set_attn_implementation(module.hparams.attn_implementation)
@@ -294,7 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each method's run")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the methods")
-    parser.add_argument("--methods", nargs="+", default=METHODS, help=f"rows (default: {' '.join(METHODS)})")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + FUSED,
+                        help=f"rows (default: {' '.join(METHODS)}; also {' '.join(FUSED)})")
+    parser.add_argument("--fused", default="chunked", choices=["chunked", "liger", "cce"],
+                        help="the fused linear cross-entropy of the *_fused rows")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
     args = parser.parse_args(argv)
     if "full" not in args.methods:
@@ -330,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             results = {m: {"times": [], "peak": 0} for m in args.methods}
             for r in range(args.rounds):
                 for method in args.methods:
-                    times, peak = run_method(module, method, batches, args.warmup, reference, accelerator)
+                    times, peak = run_method(module, method, batches, args.warmup, reference, accelerator, args.fused)
                     results[method]["times"] += times
                     results[method]["peak"] = max(results[method]["peak"], peak)
                     note = ""
