@@ -17,9 +17,20 @@ import os
 import sys
 import warnings
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sstoken_pl.errors import ConfigError, SSTokenError
+
+
+class _Parser(LightningArgumentParser):
+    """A parse error prints one usage line, the hint to ``--help`` and the error, not the list of every option."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("prog", "python -m sstoken_pl")
+        super().__init__(*args, **kwargs)
+
+    def format_usage(self) -> str:
+        return f"usage: {self.prog.replace(' [options]', '')} [-c CONFIG] [--KEY VALUE ...]\n"
 
 
 class SSTokenCLI(LightningCLI):
@@ -178,6 +189,7 @@ def main(args: list[str] | None = None) -> None:
             SFTDataModule,
             args=args,
             save_config_kwargs={"overwrite": True},
+            parser_class=_Parser,
         )
     except Exception as err:  # noqa: BLE001 - only user-input errors are turned into one line
         user_error = _user_error(err)

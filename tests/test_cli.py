@@ -77,6 +77,18 @@ def test_bad_input_is_one_clear_error(args, expected):
     assert expected in out.stderr
 
 
+@pytest.mark.parametrize("args, key", [(["--model.schedule=fast"], "model.schedule"),
+                                       (["--model.fused_cross_entropy=fast"], "model.fused_cross_entropy")])
+def test_a_value_the_parser_refuses_is_a_short_error(args, key):
+    # not the usage of every option (hundreds of lines): one usage line, the --help hint, the error naming the key
+    out = cli("fit", "--config", "configs/tiny.yaml", *args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines[0] == "usage: python -m sstoken_pl fit [-c CONFIG] [--KEY VALUE ...]", lines[:3]
+    assert key in out.stderr and "--trainer.accelerator" not in out.stderr
+    assert len(lines) <= 12
+
+
 def test_malformed_data_file_names_file_and_line(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{not json\n")
