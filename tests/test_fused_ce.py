@@ -174,3 +174,26 @@ def test_fit_with_fused_cross_entropy_trains_like_the_logits_path(tmp_path):
     assert runs[1][1] == pytest.approx(runs[0][1], rel=1e-4)
     for n, p in runs[0][2].items():
         torch.testing.assert_close(runs[1][2][n], p, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_chunked_linear_nll_under_autocast_runs_the_head_in_the_autocast_dtype():
+    # Under bf16 autocast nn.Linear runs in bfloat16; the fused head does the same (and its gradients keep the
+    # inputs' dtypes), so the two paths agree to bfloat16 precision.
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 64, (2, 17))
+    labels[:, :5] = -100
+    hidden = torch.randn(24, 32, generator=g, requires_grad=True)
+    weight = torch.randn(64, 32, generator=g, requires_grad=True)
+    out = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for rows in (torch.nn.functional.linear(hidden, weight), HeadRows(hidden, weight)):
+            if not isinstance(rows, HeadRows):
+                assert rows.dtype == torch.bfloat16
+            nll = per_token_nll(rows, labels)
+            gh, gw = torch.autograd.grad(nll.sum(), [hidden, weight])
+            out.append((nll.detach(), gh, gw))
+    assert out[1][1].dtype == hidden.dtype and out[1][2].dtype == weight.dtype
+    for a, b in zip(out[0], out[1]):
+        torch.testing.assert_close(b.float(), a.float(), atol=0.1, rtol=0.02)
+    exact = per_token_nll(torch.nn.functional.linear(hidden, weight), labels).detach()
+    assert (out[1][0] - exact).abs().max() > 0  # the head did run in bfloat16, not float32
