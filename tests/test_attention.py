@@ -135,6 +135,29 @@ def test_pure_function_gqa_chunking_window_softcap(sliding_window, softcap):
         prompt_attention_mass(query, key[:, :, :5], prompt, attn, 0.3)
 
 
+@pytest.mark.parametrize("padding", ["right", "none", "left"])
+def test_causal_fast_path_only_where_it_is_exact(padding, monkeypatch):
+    # Right padding or none: the kernel's causal mask replaces the explicit one (same numbers); left padding keeps
+    # the explicit mask (a causal mask would let real queries see the padding keys before them).
+    from sstoken_pl import attention as attn_mod
+
+    g = torch.Generator().manual_seed(1)
+    B, H, Hkv, T, D = 2, 4, 2, 12, 8
+    query, key = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    if padding == "none":
+        batch = padded_batch("right", batch_size=2, seq_len=T, prompts=(4, 3), lengths=(12, 12))
+    else:
+        batch = padded_batch(padding, batch_size=2, seq_len=T, prompts=(4, 3), lengths=(12, 7))
+    prompt, attn = prompt_key_mask(batch["labels"], batch["attention_mask"]), batch["attention_mask"]
+    used = []
+    real = attn_mod._causal_suffices
+    monkeypatch.setattr(attn_mod, "_causal_suffices", lambda *a: used.append(real(*a)) or used[-1])
+    got = prompt_attention_mass(query, key, prompt, attn, 0.3)
+    assert used == [padding != "left"]
+    torch.testing.assert_close(got, naive_prompt_mass(query, key, prompt, attn, 0.3), atol=1e-6, rtol=0)
+    assert attn_mod._causal_suffices(attn.bool(), 5) is False  # a sliding window needs the explicit mask
+
+
 # ---------------------------------------------------------------------------------------------- side effects
 def test_probe_touches_only_its_layer_and_is_removed_cleanly(models):
     model, _ = models["llama"]
