@@ -162,6 +162,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- row logits
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside ``model`` (unwraps a peft ``PeftModel``)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+
+
 _ROW_LOGITS: dict[type, bool] = {}
 
 
@@ -172,7 +177,7 @@ def supports_row_logits(model: torch.nn.Module) -> bool:
     Decided once per model class, from its forward's source."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    base = hf_model(model)
     cls = type(base)
     if cls not in _ROW_LOGITS:
         try:
@@ -194,7 +199,7 @@ def fused_head_problem(model: torch.nn.Module) -> str | None:
     like change them: decided from the forward's source)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    base = hf_model(model)
     cls = type(base)
     if not supports_row_logits(model):
         return f"{cls.__name__} does not take a boolean logits_to_keep (transformers ≥ 5 causal LMs do)"
@@ -242,7 +247,7 @@ def response_logits(
     problem = fused_head_problem(model)
     if problem is not None:
         raise ConfigError(f"model.fused_cross_entropy={fused}: {problem}; set model.fused_cross_entropy: null")
-    base = model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
+    base = hf_model(model)
     head = base.get_output_embeddings()
     kwargs["logits_to_keep"] = prediction_mask(batch["labels"])
     head.forward = _identity  # this one call: the "logits" the model returns are the hidden rows

@@ -278,15 +278,11 @@ def check_fit_settings(module: "SFTModule", trainer: pl.Trainer) -> None:
         sharding.check_gathering(trainer, "model.export", "model.export: false")
     fused = getattr(module, "fused_cross_entropy", None)
     if fused is not None:
-        kind = sharding.strategy_kind(trainer.strategy)
-        if sharding.is_sharded(model) or kind == "fsdp1" or (kind == "deepspeed" and sharding.deepspeed_stage(trainer.strategy) >= 3):
-            raise ConfigError(
-                f"model.fused_cross_entropy={fused} reads the LM head's weight outside its module, which a sharded "
-                f"strategy (FSDP, DeepSpeed ZeRO-3) only gathers inside it; set model.fused_cross_entropy: null"
-            )
+        what = f"model.fused_cross_entropy={fused}"
+        sharding.check_whole_parameters(trainer, model, what, "model.fused_cross_entropy: null")
         problem = fused_head_problem(model)
         if problem is not None:
-            raise ConfigError(f"model.fused_cross_entropy={fused}: {problem}; set model.fused_cross_entropy: null")
+            raise ConfigError(f"{what}: {problem}; set model.fused_cross_entropy: null")
     if token_selector(module) is None:  # with a TokenSelection, its own loss_normalization applies (checked there)
         sharding.check_loss_normalization(trainer, module.loss_normalization, "model.loss_normalization")
     rows = sharding.num_rows(model.get_input_embeddings().weight, model)  # DTensor / ZeRO-3 placeholders alike

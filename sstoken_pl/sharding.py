@@ -277,6 +277,21 @@ def check_loss_normalization(trainer: Any, value: str, key: str) -> None:
         )
 
 
+def check_whole_parameters(trainer: Any, model: Optional[nn.Module], what: str, key: str) -> None:
+    """Refuse ``what``, which reads a module's weight outside that module's forward, under a strategy whose parameters
+    are whole only inside it (FSDP2's DTensors, FSDP1's flat shards, ZeRO-3's placeholders)."""
+    kind = strategy_kind(trainer.strategy)
+    name = {"fsdp2": "FSDP2", "fsdp1": "FSDP1"}.get(kind)
+    if kind == "deepspeed" and deepspeed_stage(trainer.strategy) >= 3:
+        name = "DeepSpeed ZeRO-3"
+    if name is None and is_sharded(model):
+        name = "FSDP2"
+    if name is not None:
+        raise ConfigError(
+            f"{what} reads the LM head's weight outside its module, which {name} gathers only inside it; set {key}"
+        )
+
+
 def check_gathering(trainer: Any, what: str, key: str) -> None:
     """Export and the answer-accuracy evaluation gather the model on rank 0: done for FSDP2 (every rank takes part),
     not implemented for FSDP1 or DeepSpeed ZeRO-3 (rank 0 alone would wait forever for the others' shards)."""

@@ -197,3 +197,23 @@ def test_chunked_linear_nll_under_autocast_runs_the_head_in_the_autocast_dtype()
         torch.testing.assert_close(b.float(), a.float(), atol=0.1, rtol=0.02)
     exact = per_token_nll(torch.nn.functional.linear(hidden, weight), labels).detach()
     assert (out[1][0] - exact).abs().max() > 0  # the head did run in bfloat16, not float32
+
+
+@pytest.mark.parametrize("strategy, stage", [("ModelParallelStrategy", None), ("FSDPStrategy", None), ("DeepSpeedStrategy", 3)])
+def test_fused_cross_entropy_refused_where_the_head_is_sharded(strategy, stage, tiny_llama):
+    import types
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from sstoken_pl import sharding
+
+    cls = ModelParallelStrategy if strategy == "ModelParallelStrategy" else type(strategy, (), {})
+    instance = cls.__new__(cls)
+    if stage is not None:
+        instance.config = {"zero_optimization": {"stage": stage}}
+    fake = types.SimpleNamespace(strategy=instance)
+    with pytest.raises(ConfigError, match="fused_cross_entropy=chunked reads the LM head's weight outside its module"):
+        sharding.check_whole_parameters(fake, tiny_llama, "model.fused_cross_entropy=chunked", "model.fused_cross_entropy: null")
+    zero2 = type("DeepSpeedStrategy", (), {})()
+    zero2.config = {"zero_optimization": {"stage": 2}}
+    sharding.check_whole_parameters(types.SimpleNamespace(strategy=zero2), tiny_llama, "x", "y")  # whole parameters
