@@ -77,6 +77,12 @@ def test_table_and_html_builders():
     assert '<span class="dropped noise"> &amp; </span>' in page
     assert page.count('<span class="kept">&lt;b&gt;</span>') == 2, "full's row keeps every token"
     assert "No run logged" in compare.samples_html({"full": []}, ["full"], 4, "t")
+    # a method not finished yet gets no row (it is not full SFT); no noise in the data: no noise in the legend
+    page = compare.samples_html(samples, ["full", "sstoken", "rho1"], 4, "t")
+    assert "rho1" not in page and page.count("class='method'") == 2
+    clean = {"sstoken": [{"step": 10, "index": 3, "tokens": ["a", "b"], "kept": [1, 0]}]}
+    assert "injected noise" not in compare.samples_html(clean, ["sstoken"], 4, "t")
+    assert "injected noise" in page
 
 
 def test_kept_by_token_kind_counts_clean_tokens_only():

@@ -292,7 +292,11 @@ def render_tokens(tokens: list[str], kept: list[int], noise: list[int] | None) -
 
 
 def samples_html(per_method: dict[str, list[dict]], methods: list[str], count: int, title: str) -> str:
+    """``per_method``: the logged samples of each *finished* run (empty for a method that selects nothing, which keeps
+    every token); a method not in it (not run yet) gets no row."""
+    methods = [m for m in methods if m in per_method]
     picked = pick_samples(per_method, count)
+    has_noise = any(any(s.get("noise") or []) for samples in per_method.values() for s in samples)
     style = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; color: #222; }
 .sample { border: 1px solid #ddd; border-radius: 6px; padding: 0.8em 1em; margin-bottom: 1.5em; }
@@ -307,7 +311,8 @@ body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; color
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              "<p class='legend'>Legend: <span class='kept tokens'>kept token</span><span class='dropped tokens'>dropped token</span>"
-             "<span class='noise tokens'>injected noise (ground truth)</span> — the same training samples at the same step for every method.</p>"]
+             + ("<span class='noise tokens'>injected noise (ground truth)</span>" if has_noise else "")
+             + " — the same training samples at the same step for every method.</p>"]
     if not picked:
         parts.append("<p>No run logged selection samples (selection_samples.jsonl): nothing to show.</p>")
     for step, index in picked:
