@@ -205,24 +205,24 @@ def _fused_row_nll(rows: HeadRows, targets: torch.Tensor, with_entropy: bool):
     return _LinearRowNLL.apply(rows.hidden.contiguous(), rows.weight, rows.bias, targets, chunk, with_entropy)
 
 
+# the library each kernel needs: (module, pip requirement)
+_KERNEL_PACKAGES = {"liger": ("liger_kernel", "liger-kernel>=0.8.2"), "cce": ("cut_cross_entropy", "cut-cross-entropy")}
+
+
 def check_fused_cross_entropy(value: Optional[str], key: str) -> Optional[str]:
     """``None`` (the LM head's logits at response rows) or one of ``FUSED_CROSS_ENTROPY``; the library of a kernel
     must be installed."""
+    import importlib.util
+
+    from sstoken_pl.errors import ConfigError
+
     if value is None:
         return None
     if value not in FUSED_CROSS_ENTROPY:
-        from sstoken_pl.errors import ConfigError
-
         raise ConfigError(f"{key} must be null or one of {list(FUSED_CROSS_ENTROPY)}, got {value!r}")
-    module = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}.get(value)
-    if module is not None:
-        import importlib.util
-
-        if importlib.util.find_spec(module) is None:
-            from sstoken_pl.errors import ConfigError
-
-            package = {"liger": "liger-kernel>=0.8.2", "cce": "cut-cross-entropy"}[value]
-            raise ConfigError(f"{key}: {value} needs `pip install '{package}'` (or use chunked, which needs nothing)")
+    module, package = _KERNEL_PACKAGES.get(value, (None, None))
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{key}: {value} needs `pip install '{package}'` (or use chunked, which needs nothing)")
     return value
 
 
