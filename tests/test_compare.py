@@ -41,6 +41,8 @@ def test_compare_end_to_end_and_resume(tmp_path):
     again = tool("compare.py", *args, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") == 4, again.stdout
     assert sorted(p for p in tmp_path.rglob("version_*")) == versions, "finished runs are not redone"
+    complete = tool("compare.py", *args, "--report-only", timeout=600)
+    assert complete.returncode == 0 and "partial report" not in (tmp_path / "results.md").read_text()
     args[args.index("--methods") + 1 : args.index("--seeds")] = ["full", "random", "sstoken"]
     partial = tool("compare.py", *args, "--report-only", timeout=600)
     assert partial.returncode == 0 and "sstoken seed 0: not run yet" in partial.stdout, partial.stdout + partial.stderr[-2000:]

@@ -397,13 +397,13 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     rows = aggregate(results)
+    finished, expected = sum(map(len, results.values())), len(args.seeds) * len(args.methods)
     before = next((r["accuracy_before"] for s in results.values() for r in s.values() if r["accuracy_before"] is not None), None)
     title = f"{os.path.relpath(config, ROOT)}: {', '.join(args.methods)}"
     header = [
         f"# Token selection compared: {os.path.relpath(config, ROOT)}",
         "",
-        *([f"- **partial report**: {sum(map(len, results.values()))} of {len(args.seeds) * len(args.methods)} runs "
-           f"finished"] if args.report_only else []),
+        *([f"- **partial report**: {finished} of {expected} runs finished"] if finished < expected else []),
         f"- seeds: {' '.join(map(str, args.seeds))}; extra arguments: `{args.extra or '—'}`; max steps: {args.max_steps or 'from the config'}",
         f"- answer exact match of the base model before training: {_fmt(before and 100 * before, '.1f')}%",
         f"- command: `python tools/compare.py {shlex.join(argv if argv is not None else sys.argv[1:])}`",
