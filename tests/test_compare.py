@@ -68,6 +68,11 @@ def test_table_and_html_builders():
     rows = compare.aggregate(results)
     assert rows["sstoken"]["acc_mean"] == pytest.approx(0.3) and rows["sstoken"]["acc_std"] == pytest.approx(0.1414, abs=1e-3)
     assert rows["sstoken"]["time_ratio"] == pytest.approx(1.5) and rows["full"]["noise_dropped"] == 0.0
+    results["full"][1] = dict(results["full"][0], step_time=4.0)
+    results["random"] = {1: dict(results["sstoken"][1], step_time=6.0)}
+    paired = compare.aggregate(results)
+    assert paired["random"]["time_ratio"] == pytest.approx(1.5), "against full SFT of the same seed"
+    assert paired["sstoken"]["time_ratio"] == pytest.approx((1.5 + 1.5 / 4) / 2)
     table = compare.markdown_table(rows)
     assert "| sstoken | 0.600 | 0.500 | 0.600 | 0.500 | 2.500 | 30.0% ± 14.1 (n=2) | 1.50× |" in table
     samples = {

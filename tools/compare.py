@@ -14,7 +14,7 @@ selection's draws.
 Writes into `--out`:
   results.md     the table: kept fraction, noise dropped / clean kept (built-in task), final train loss (over the
                  kept tokens: not comparable across methods), held-out loss (all response tokens), answer exact
-                 match (mean ± std over seeds), step time relative to full SFT
+                 match (mean ± std over seeds), step time relative to full SFT (of the same seed, median over seeds)
   results.json   the same per method and per seed
   val_loss.png   held-out loss against step, one line per method (mean over seeds; band: min–max)
   samples.html   a few training samples with each method's kept and dropped tokens (and the injected noise)
@@ -171,9 +171,13 @@ def aggregate(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
         }
     if "full" in rows and any(r["noise_dropped"] is not None for r in rows.values()):
         rows["full"].update(noise_dropped=0.0, clean_kept=1.0)  # full SFT keeps every token, noise included
-    full = rows.get("full", {}).get("step_time")
-    for row in rows.values():
-        row["time_ratio"] = row["step_time"] / full if full and row["step_time"] else None
+    # Step time relative to full SFT of the same seed (the runs of one seed ran back to back), median over seeds:
+    # runs of different sessions may have shared the machine with other work.
+    full = results.get("full", {})
+    for method, row in rows.items():
+        ratios = [r["step_time"] / full[s]["step_time"] for s, r in results[method].items()
+                  if r["step_time"] and s in full and full[s]["step_time"]]
+        row["time_ratio"] = statistics.median(ratios) if ratios else None
     return rows
 
 
