@@ -66,8 +66,7 @@ def evaluate(
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy generation and exact match for each problem: the JSONL rows."""
-    from sstoken_pl.data import extract_final_answer
-    from sstoken_pl.evaluation import answers_match, generate_answers
+    from sstoken_pl.evaluation import generate_answers, score_answers
 
     bar = None
     if show_progress:
@@ -82,18 +81,7 @@ def evaluate(
     finally:
         if bar is not None:
             bar.close()
-    rows = []
-    for problem, output in zip(problems, outputs):
-        extracted = extract_final_answer(output)
-        rows.append({
-            "index": problem["index"],
-            "prompt": problem["prompt"],
-            "output": output,
-            "gold": problem["answer"],
-            "extracted": extracted,
-            "correct": answers_match(extracted, problem["answer"]),
-        })
-    return rows
+    return score_answers(problems, outputs)
 
 
 def _parser():
@@ -152,6 +140,7 @@ def main(argv: list[str]) -> None:
 
 def run(argv: list[str]) -> dict[str, Any]:
     from sstoken_pl.data import SFTDataModule
+    from sstoken_pl.evaluation import write_jsonl
     from sstoken_pl.synthetic import SyntheticTask
 
     parser = _parser()
@@ -183,10 +172,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     problems = datamodule.eval_problems(limit=args.num_problems, split=args.split)
     rows = evaluate(model, tokenizer, problems, args.max_new_tokens, args.batch_size)
     output = args.output or os.path.join(out_dir, f"eval_{args.split}.jsonl")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_jsonl(output, rows)
     correct = sum(r["correct"] for r in rows)
     summary = {
         "model": source, "data": data.get("path") or "synthetic", "split": args.split, "n": len(rows),

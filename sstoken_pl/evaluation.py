@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from typing import Any, Optional
 
@@ -10,7 +12,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanMetric
 
 from sstoken_pl import sharding
 from sstoken_pl.data import extract_final_answer
@@ -27,6 +28,29 @@ def answers_match(predicted: Optional[str], gold: str) -> bool:
     if _NUMBER.match(p) and _NUMBER.match(g):
         return math.isclose(float(p), float(g), rel_tol=0.0, abs_tol=1e-6)
     return p == g
+
+
+def score_answers(problems: list[dict[str, Any]], outputs: list[str]) -> list[dict[str, Any]]:
+    """One row per problem: ``index``, ``prompt``, ``output``, ``gold``, ``extracted``, ``correct`` (the JSONL rows)."""
+    rows = []
+    for problem, output in zip(problems, outputs):
+        extracted = extract_final_answer(output)
+        rows.append({
+            "index": problem["index"],
+            "prompt": problem["prompt"],
+            "output": output,
+            "gold": problem["answer"],
+            "extracted": extracted,
+            "correct": answers_match(extracted, problem["answer"]),
+        })
+    return rows
+
+
+def write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 @torch.no_grad()
@@ -70,7 +94,9 @@ def generate_answers(
 
 class AnswerAccuracy(Callback):
     """Exact-match accuracy of the final answer on held-out problems (``datamodule.eval_problems``), measured by
-    greedy generation at fit start and fit end; both are printed and logged (``eval/accuracy_before|after``).
+    greedy generation at fit start and fit end; both are printed and logged (``eval/accuracy_before|after``), and
+    each problem's prompt, output, gold and extracted answer is written to ``eval_before.jsonl`` / ``eval_after.jsonl``
+    in the run's log directory (the rows of ``sstoken_pl evaluate``).
 
     Args:
         num_problems: how many held-out problems; 0 turns the evaluation off.
@@ -91,9 +117,10 @@ class AnswerAccuracy(Callback):
         self.batch_size = batch_size
         self.before = before
         self.results: dict[str, float] = {}
+        self._log_dir: str | None = None
 
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[float, int]:
-        """Accuracy in [0, 1] of ``pl_module.model`` on the datamodule's held-out problems, and their number."""
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[dict[str, Any]]:
+        """The rows of ``score_answers`` for ``pl_module.model`` on the datamodule's held-out problems."""
         problems = trainer.datamodule.eval_problems(limit=self.num_problems)
         tokenizer = getattr(pl_module, "tokenizer", None) or trainer.datamodule.tokenizer
         model = pl_module.model
@@ -106,21 +133,25 @@ class AnswerAccuracy(Callback):
             )
         finally:
             model.train(was_training)
-        metric = MeanMetric()
-        for text, problem in zip(texts, problems):
-            metric.update(float(answers_match(extract_final_answer(text), problem["answer"])))
-        return (float(metric.compute()) if problems else float("nan")), len(problems)
+        return score_answers(problems, texts)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
         # Under FSDP2 every rank generates (in lockstep: each forward gathers the shards), rank 0 reports; otherwise
         # rank 0 alone generates and the other ranks wait for it at their next collective.
         if self.num_problems == 0 or not (trainer.is_global_zero or sharding.is_sharded(pl_module.model)):
             return
-        acc, n = self.evaluate(trainer, pl_module)
+        rows = self.evaluate(trainer, pl_module)
         if not trainer.is_global_zero:
             return
+        n, correct = len(rows), sum(r["correct"] for r in rows)
+        acc = correct / n if n else float("nan")
         self.results[when] = acc
-        rank_zero_info(f"Answer accuracy {when} training: {acc:.1%} ({round(acc * n)}/{n} held-out problems)")
+        where = ""
+        if self._log_dir is not None:
+            where = os.path.join(self._log_dir, f"eval_{when}.jsonl")
+            write_jsonl(where, rows)
+            where = f"; per problem: {where}"
+        rank_zero_info(f"Answer accuracy {when} training: {acc:.1%} ({correct}/{n} held-out problems{where})")
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"eval/accuracy_{when}": acc}, step=trainer.global_step)
         if when == "after" and "before" in self.results:
@@ -130,6 +161,7 @@ class AnswerAccuracy(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_dir = trainer.log_dir if self.num_problems else None  # on every rank: under DDP, a collective call
         if self.num_problems:
             sharding.check_gathering(trainer, "eval (answer accuracy)", "eval.num_problems: 0")
         if self.before:

@@ -31,6 +31,8 @@ def test_compare_end_to_end_and_resume(tmp_path):
     assert [c.strip() for c in rows["full"].split("|")[2:5]] == ["1.000", "0.000", "1.000"]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["rows"]) == {"full", "random", "rho1"} and results["runs"]["rho1"]["0"]["val_curve"]
+    evals = [json.loads(line) for line in next((tmp_path / "runs" / "rho1").rglob("eval_after.jsonl")).read_text().splitlines()]
+    assert len(evals) == 2 and sum(r["correct"] for r in evals) / 2 == results["runs"]["rho1"]["0"]["accuracy_after"]
     assert (tmp_path / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (tmp_path / "samples.html").read_text()
     assert page.count("class='sample'") == 2 and "class=\"dropped" in page and "noise" in page

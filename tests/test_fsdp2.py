@@ -2,6 +2,7 @@
 the same global batch: LoRA and full fine-tuning, each HistoryModel mode, the reference model; checkpoints resume
 exactly; export and the answer evaluation work under sharding; impossible strategy combinations are refused."""
 
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,9 @@ def test_cli_fsdp2_lora_ema_with_eval_and_export(tmp_path):
     log = out.stdout + out.stderr
     assert "Answer accuracy before training" in log and "Answer accuracy after training" in log
     run = tmp_path / "lightning_logs" / "version_0"
+    rows = [json.loads(line) for line in (run / "eval_after.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {"prompt", "output", "gold", "extracted", "correct"} <= set(rows[0])
+    assert f"({sum(r['correct'] for r in rows)}/4 held-out problems" in log.split("Answer accuracy after training")[1]
     (ckpt,) = (run / "checkpoints").iterdir()
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2
     import torch.distributed.checkpoint as dcp
