@@ -49,3 +49,21 @@ def test_inspect_run_without_logs_is_one_clear_error(tmp_path):
     out = tool("inspect_run.py", str(tmp_path))
     assert out.returncode != 0 and "error: no TensorBoard events or metrics.csv" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_check_arithmetic_counts_answer_lines_and_right_equations(tmp_path):
+    import json
+
+    rows = [
+        {"output": "The bags hold 8 * 2 = 16 shells. Then 16 + 9 = 25.\n#### 25", "correct": True},
+        {"output": "So 6 * 9 = 56 and 2 x 4 x 5 = 40, 75% = 6.", "correct": False},  # one equation, wrong
+        {"output": "No numbers here.", "correct": False},
+    ]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tool("check_arithmetic.py", str(path))
+    assert out.returncode == 0, out.stderr
+    assert f"| {path} | 3 | 33.3% | 33.3% | 3 | 66.7% |" in out.stdout
+    path.write_text(json.dumps(rows[0]) + "\n{\"output\": 1\n")
+    bad = tool("check_arithmetic.py", str(path))
+    assert bad.returncode == 2 and f"{path} line 2" in bad.stderr and "Traceback" not in bad.stderr
