@@ -202,7 +202,7 @@ def plot(results: dict[str, dict[int, dict]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     colors = plt.get_cmap("tab20").colors if len(results) > 10 else plt.get_cmap("tab10").colors
     styles = ["-", "--", "-.", ":"]
     for i, (method, seeds) in enumerate(results.items()):
@@ -220,7 +220,7 @@ def plot(results: dict[str, dict[int, dict]], path: str, title: str) -> None:
     ax.set_ylabel("held-out loss (all response tokens)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # outside: no line hidden
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
