@@ -146,12 +146,11 @@ class AnswerAccuracy(Callback):
         n, correct = len(rows), sum(r["correct"] for r in rows)
         acc = correct / n if n else float("nan")
         self.results[when] = acc
-        where = ""
-        if self._log_dir is not None:
-            where = os.path.join(self._log_dir, f"eval_{when}.jsonl")
-            write_jsonl(where, rows)
-            where = f"; per problem: {where}"
-        rank_zero_info(f"Answer accuracy {when} training: {acc:.1%} ({correct}/{n} held-out problems{where})")
+        path = None if self._log_dir is None else os.path.join(self._log_dir, f"eval_{when}.jsonl")
+        if path is not None:
+            write_jsonl(path, rows)
+        rank_zero_info(f"Answer accuracy {when} training: {acc:.1%} ({correct}/{n} held-out problems"
+                       + (f"; per problem: {path})" if path else ")"))
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"eval/accuracy_{when}": acc}, step=trainer.global_step)
         if when == "after" and "before" in self.results:
