@@ -64,8 +64,8 @@ def test_table_and_html_builders():
     results = {
         "full": {0: dict(kept_fraction=None, noise_dropped=None, clean_kept=None, train_loss=1.0, val_loss=2.0, val_curve=[(10, 2.0)],
                          accuracy_before=0.1, accuracy_after=0.5, step_time=1.0)},
-        "sstoken": {s: dict(kept_fraction=0.6, noise_dropped=0.5, clean_kept=0.6, train_loss=0.5, val_loss=2.5, val_curve=[(10, 2.5)],
-                            accuracy_before=None, accuracy_after=a, step_time=1.5) for s, a in [(0, 0.2), (1, 0.4)]},
+        "sstoken": {s: dict(kept_fraction=0.6, noise_dropped=0.5, clean_kept=0.6, train_loss=0.5, val_loss=v, val_curve=[(10, v)],
+                            accuracy_before=None, accuracy_after=a, step_time=1.5) for s, a, v in [(0, 0.2, 2.4), (1, 0.4, 2.6)]},
     }
     rows = compare.aggregate(results)
     assert rows["sstoken"]["acc_mean"] == pytest.approx(0.3) and rows["sstoken"]["acc_std"] == pytest.approx(0.1414, abs=1e-3)
@@ -76,7 +76,8 @@ def test_table_and_html_builders():
     assert paired["random"]["time_ratio"] == pytest.approx(1.5), "against full SFT of the same seed"
     assert paired["sstoken"]["time_ratio"] == pytest.approx((1.5 + 1.5 / 4) / 2)
     table = compare.markdown_table(rows)
-    assert "| sstoken | 0.600 | 0.500 | 0.600 | 0.500 | 2.500 | 30.0% ± 14.1 (n=2) | 1.50× |" in table
+    assert "| sstoken | 0.600 | 0.500 | 0.600 | 0.500 | 2.500 ± 0.141 | 30.0% ± 14.1 (n=2) | 1.50× |" in table
+    assert "| full | 1.000 | 0.000 | 1.000 | 1.000 | 2.000 | 50.0% ± 0.0 (n=1) | 1.00× |" in table, "one seed: no std"
     samples = {
         "full": [],
         "sstoken": [{"step": 10, "index": 3, "tokens": ["<b>", " & ", "x"], "kept": [1, 0, 1], "noise": [0, 1, 0]}],

@@ -13,8 +13,8 @@ selection's draws.
 
 Writes into `--out`:
   results.md     the table: kept fraction, noise dropped / clean kept (built-in task), final train loss (over the
-                 kept tokens: not comparable across methods), held-out loss (all response tokens), answer exact
-                 match (mean ± std over seeds), step time relative to full SFT (of the same seed, median over seeds)
+                 kept tokens: not comparable across methods), held-out loss (all response tokens) and answer
+                 exact match (mean ± std over seeds), step time relative to full SFT (of the same seed, median over seeds)
   results.json   the same per method and per seed
   val_loss.png   held-out loss against step, one line per method (mean over seeds; band: min–max)
   samples.html   a few training samples with each method's kept and dropped tokens (and the injected noise)
@@ -152,18 +152,20 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 
 def aggregate(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, Any]]:
-    """Per method: means over seeds, the exact match's mean and std, and the step time relative to full."""
+    """Per method: means over seeds, the held-out loss's and exact match's std, and the step time relative to full."""
     rows: dict[str, dict[str, Any]] = {}
     for method, seeds in results.items():
         runs = list(seeds.values())
         mean = lambda k: statistics.fmean([r[k] for r in runs if r[k] is not None]) if any(r[k] is not None for r in runs) else None
         acc = [r["accuracy_after"] for r in runs if r["accuracy_after"] is not None]
+        val = [r["val_loss"] for r in runs if r["val_loss"] is not None]
         rows[method] = {
             "kept_fraction": mean("kept_fraction") if mean("kept_fraction") is not None else (1.0 if method == "full" else None),
             "noise_dropped": mean("noise_dropped"),
             "clean_kept": mean("clean_kept"),
             "train_loss": mean("train_loss"),
             "val_loss": mean("val_loss"),
+            "val_std": statistics.stdev(val) if len(val) > 1 else None,
             "acc_mean": statistics.fmean(acc) if acc else None,
             "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0 if acc else None,
             "n": len(acc),
@@ -189,9 +191,10 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     for method, r in rows.items():
         acc = "—" if r["acc_mean"] is None else f"{100 * r['acc_mean']:.1f}% ± {100 * r['acc_std']:.1f} (n={r['n']})"
         ratio = "—" if r["time_ratio"] is None else f"{r['time_ratio']:.2f}×"
+        val = _fmt(r["val_loss"]) + ("" if r.get("val_std") is None else f" ± {r['val_std']:.3f}")
         lines.append(
             f"| {method} | {_fmt(r['kept_fraction'])} | {_fmt(r['noise_dropped'])} | {_fmt(r['clean_kept'])} | "
-            f"{_fmt(r['train_loss'])} | {_fmt(r['val_loss'])} | {acc} | {ratio} |"
+            f"{_fmt(r['train_loss'])} | {val} | {acc} | {ratio} |"
         )
     return "\n".join(lines)
 
