@@ -39,6 +39,8 @@ def test_compare_end_to_end_and_resume(tmp_path):
     assert (tmp_path / "reference" / "done.json").is_file(), "rho1 needed a reference, trained once"
     kinds = (tmp_path / "results.md").read_text().split("Share of the clean")[1]
     assert "| random |" in kinds and "| rho1 |" in kinds and "| full |" not in kinds
+    assert not list(tmp_path.rglob("*.ckpt")), "comparison runs write no Lightning checkpoint by default"
+    assert list((tmp_path / "runs" / "random").rglob("hf_model/config.json")), "but they export the model"
     versions = sorted(p for p in tmp_path.rglob("version_*"))
     again = tool("compare.py", *args, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing") == 4, again.stdout
@@ -58,6 +60,14 @@ def test_a_failed_run_is_one_line_naming_its_log(tmp_path):
                "--extra=--data.synthetic.noise=2")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "failed" in out.stderr and "log.txt" in out.stderr and "noise must be in [0, 1]" in out.stderr
+
+
+def test_a_full_disk_is_named_as_such(tmp_path, capsys):
+    crash = "import sys; print('Traceback ...'); print('OSError: [Errno 28] No space left on device'); print('  at x'); sys.exit(1)"
+    with pytest.raises(SystemExit) as e:
+        compare.run([compare.sys.executable, "-c", crash], str(tmp_path / "run"), dry_run=False)
+    assert "no space left on device" in str(e.value) and "GiB free" in str(e.value) and "log.txt" in str(e.value)
+    assert "finished runs are kept" in str(e.value)
 
 
 def test_table_and_html_builders():

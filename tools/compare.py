@@ -20,6 +20,10 @@ Writes into `--out`:
   samples.html   a few training samples with each method's kept and dropped tokens (and the injected noise)
   runs/<method>/seed<S>/   each run (log.txt, CSV metrics, selection samples, exported model)
 
+Runs write no Lightning checkpoint (`--trainer.enable_checkpointing=false`; each would be a full copy of the model and
+its optimizer state, ~0.7 GB for SmolLM2-135M): a run's result is its exported `hf_model` and its logs.
+`--keep-checkpoints` keeps them.
+
 A finished run (its `done.json`) is not redone when the command is repeated; an unfinished one is redone from
 scratch. `--dry-run` prints the commands; `--report-only` writes the report from the runs finished so far (e.g. while another
 invocation is still running the rest) and runs nothing.
@@ -96,9 +100,19 @@ def run(cmd: list[str], run_dir: str, dry_run: bool) -> None:
     with open(log, "w") as f:
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if code != 0:
-        tail = open(log).read().strip().splitlines()[-1:] or [""]
+        text = open(log, errors="replace").read()
+        tail = text.strip().splitlines()[-1:] or [""]
+        if "No space left on device" in text:
+            tail = [f"no space left on device ({free_gib(run_dir):.1f} GiB free under {run_dir}); free some, then repeat "
+                    "the command: finished runs are kept"]
         sys.exit(f"error: run {run_dir} failed (exit {code}): {tail[0]}\n  full log: {log}")
     print(f"  done in {time.time() - start:.0f} s", flush=True)
+
+
+def free_gib(path: str) -> float:
+    import shutil
+
+    return shutil.disk_usage(path).free / 2**30
 
 
 def portable(cmd: list[str]) -> str:
@@ -349,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-args", default=REFERENCE_ARGS, help=f"`fit` arguments of the reference run (default: {REFERENCE_ARGS})")
     parser.add_argument("--log-samples-every", type=int, default=10, help="log selection samples every N steps")
     parser.add_argument("--html-samples", type=int, default=4, help="training samples shown in samples.html")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each run's Lightning checkpoint (default: none is written; the exported hf_model is)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the finished runs only (while a comparison is still running)")
@@ -357,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     out = os.path.abspath(args.out)
     config = os.path.abspath(args.config)
     base = [sys.executable, "-m", "sstoken_pl", "fit", "--config", config]
+    no_ckpt = [] if args.keep_checkpoints else ["--trainer.enable_checkpointing=false"]
     steps = [f"--trainer.max_steps={args.max_steps}"] if args.max_steps else []
     extra = shlex.split(args.extra)
     os.makedirs(os.path.join(out, "configs"), exist_ok=True)
@@ -368,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"reference: reusing {ref_dir}")
         else:
             cmd = base + ["--trainer.callbacks=[]", "--seed_everything=0", f"--trainer.default_root_dir={ref_dir}",
-                          "--eval.num_problems=0"] + steps + extra + shlex.split(args.reference_args)
+                          "--eval.num_problems=0"] + no_ckpt + steps + extra + shlex.split(args.reference_args)
             run(cmd, ref_dir, args.dry_run)
             if not args.dry_run:
                 json.dump({"command": portable(cmd)}, open(os.path.join(ref_dir, "done.json"), "w"))
@@ -392,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(method_config(method, seed, run_dir, reference, args.log_samples_every), f, sort_keys=False)
             cmd = base + ["--trainer.callbacks=[]", "--config", cfg_path, f"--seed_everything={seed}",
-                          f"--trainer.default_root_dir={run_dir}", f"--eval.before={'true' if first else 'false'}"] + steps + extra
+                          f"--trainer.default_root_dir={run_dir}", f"--eval.before={'true' if first else 'false'}"] + no_ckpt + steps + extra
             run(cmd, run_dir, args.dry_run)
             first = False
             if args.dry_run:
