@@ -3,8 +3,10 @@
 import importlib.util
 import json
 import os
+import pathlib
 
 import pytest
+import yaml
 
 from tests.test_cli import ROOT
 from tests.test_tools import tool
@@ -60,6 +62,24 @@ def test_a_failed_run_is_one_line_naming_its_log(tmp_path):
                "--extra=--data.synthetic.noise=2")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "failed" in out.stderr and "log.txt" in out.stderr and "noise must be in [0, 1]" in out.stderr
+
+
+def test_a_method_of_your_own_is_a_yaml_path(tmp_path):
+    mine = tmp_path / "snap3.yaml"
+    mine.write_text((pathlib.Path(ROOT) / "configs/methods/sstoken_snapshot.yaml").read_text().replace("snapshot_every: 100", "snapshot_every: 3"))
+    out = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", "random", str(mine), "--out", str(tmp_path / "o"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    written = yaml.safe_load((tmp_path / "o" / "configs" / "snap3_seed0.yaml").read_text())
+    history = [c for c in written["trainer"]["callbacks+"] if c["class_path"].endswith("HistoryModel")]
+    assert history[0]["init_args"] == {"mode": "snapshot", "snapshot_every": 3}
+    assert "runs/snap3/seed0" in out.stdout and "runs/random/seed0" in out.stdout
+    missing = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o"))
+    assert missing.returncode != 0 and "no file" in missing.stderr and "Traceback" not in missing.stderr
+    twice = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", "random", str(tmp_path / "random.yaml"), "--out", str(tmp_path / "o"))
+    assert twice.returncode != 0 and "Traceback" not in twice.stderr
+    (tmp_path / "random.yaml").write_text("{}")
+    twice = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", "random", str(tmp_path / "random.yaml"), "--out", str(tmp_path / "o"))
+    assert twice.returncode != 0 and "names a method twice" in twice.stderr
 
 
 def test_a_full_disk_is_named_as_such(tmp_path, capsys):

@@ -4,7 +4,7 @@
         --out runs/compare/synthetic --extra "--data.synthetic.noise=0.5 --data.synthetic.label_noise=0.2"
 
 Each (method, seed) is one `python -m sstoken_pl fit` run in its own process: the model/data config, then
-`--trainer.callbacks=[]` and the method's config `configs/methods/<method>.yaml` (rewritten into `<out>/configs/`
+`--trainer.callbacks=[]` and the method's config `configs/methods/<method>.yaml` or a `.yaml` path (rewritten into `<out>/configs/`
 with a CSV logger, a step timer, the reference model's path and the seed), then `--extra`. Methods that need a
 reference model (Rho-1, TokenCleaning) share one, trained first by `fit` with `--reference-args` (default: the
 built-in task with its noise off, the first 256 training problems). The data order is the config's (`data.seed`),
@@ -52,15 +52,32 @@ REFERENCE_ARGS = "--data.synthetic.noise=0 --data.synthetic.label_noise=0 --data
 
 
 # ---------------------------------------------------------------------------------------------------- configs
-def method_config(method: str, seed: int, save_dir: str, reference: str | None, log_samples_every: int) -> dict:
-    """``configs/methods/<method>.yaml`` with a CSV logger into ``save_dir``, a step timer, the seed of the
-    selection's draws, the samples log, and the reference path filled in."""
+def method_file(method: str) -> str:
+    """The config of a method: ``configs/methods/<method>.yaml``, or ``method`` itself when it is a ``.yaml`` path (a
+    method of your own, or a variant with other arguments; its row and run folder are named after the file)."""
+    if method.endswith((".yaml", ".yml")):
+        if not os.path.isfile(method):
+            sys.exit(f"error: --methods: no file {method}")
+        return os.path.abspath(method)
     path = os.path.join(METHODS_DIR, f"{method}.yaml")
     if not os.path.isfile(path):
         known = sorted(f[:-5] for f in os.listdir(METHODS_DIR) if f.endswith(".yaml"))
-        sys.exit(f"error: no method config {path}; known methods: {', '.join(known)}")
+        sys.exit(f"error: no method config {path}; known methods: {', '.join(known)} (or give a .yaml path)")
+    return path
+
+
+def method_name(method: str) -> str:
+    return os.path.splitext(os.path.basename(method))[0] if method.endswith((".yaml", ".yml")) else method
+
+
+def method_config(path: str, seed: int, save_dir: str, reference: str | None, log_samples_every: int) -> dict:
+    """The method config ``path`` (see ``method_file``) with a CSV logger into ``save_dir``, a step timer, the seed of
+    the selection's draws, the samples log, and the reference path filled in."""
     with open(path) as f:
-        config = yaml.safe_load(f) or {}
+        try:
+            config = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            sys.exit(f"error: {path} is not valid YAML: {e}")
     callbacks = list((config.get("trainer") or {}).get("callbacks+") or [])
     for cb in callbacks:
         args = cb.setdefault("init_args", {})
@@ -77,8 +94,8 @@ def method_config(method: str, seed: int, save_dir: str, reference: str | None, 
     return {**config, "trainer": trainer}
 
 
-def needs_reference(method: str) -> bool:
-    with open(os.path.join(METHODS_DIR, f"{method}.yaml")) as f:
+def needs_reference(path: str) -> bool:
+    with open(path) as f:
         return "ReferenceModel" in f.read()
 
 
@@ -355,7 +372,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; color
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the model/data config (e.g. configs/quickstart.yaml)")
-    parser.add_argument("--methods", nargs="+", required=True, help="names of configs/methods/*.yaml")
+    parser.add_argument("--methods", nargs="+", required=True, help="names of configs/methods/*.yaml, or paths of method configs of your own (*.yaml)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", required=True, help="output folder (reused: finished runs are kept)")
     parser.add_argument("--max-steps", type=int, help="override trainer.max_steps for every run")
@@ -369,6 +386,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the finished runs only (while a comparison is still running)")
     args = parser.parse_args(argv)
+    files = {method_name(m): method_file(m) for m in args.methods}
+    if len(files) < len(args.methods):
+        sys.exit(f"error: --methods names a method twice: {' '.join(args.methods)}")
+    args.methods = list(files)
 
     out = os.path.abspath(args.out)
     config = os.path.abspath(args.config)
@@ -379,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(os.path.join(out, "configs"), exist_ok=True)
 
     reference = None
-    if any(needs_reference(m) for m in args.methods) and not args.report_only:
+    if any(needs_reference(f) for f in files.values()) and not args.report_only:
         ref_dir = os.path.join(out, "reference")
         if os.path.isfile(os.path.join(ref_dir, "done.json")) and newest_model(ref_dir):
             print(f"reference: reusing {ref_dir}")
@@ -407,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             cfg_path = os.path.join(out, "configs", f"{method}_seed{seed}.yaml")
             with open(cfg_path, "w") as f:
-                yaml.safe_dump(method_config(method, seed, run_dir, reference, args.log_samples_every), f, sort_keys=False)
+                yaml.safe_dump(method_config(files[method], seed, run_dir, reference, args.log_samples_every), f, sort_keys=False)
             cmd = base + ["--trainer.callbacks=[]", "--config", cfg_path, f"--seed_everything={seed}",
                           f"--trainer.default_root_dir={run_dir}", f"--eval.before={'true' if first else 'false'}"] + no_ckpt + steps + extra
             run(cmd, run_dir, args.dry_run)
