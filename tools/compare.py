@@ -339,7 +339,7 @@ def samples_html(per_method: dict[str, list[dict]], methods: list[str], count: i
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; color: #222; }
 .sample { border: 1px solid #ddd; border-radius: 6px; padding: 0.8em 1em; margin-bottom: 1.5em; }
 .row { display: grid; grid-template-columns: 11em 1fr; gap: 0.8em; padding: 0.35em 0; border-top: 1px solid #eee; }
-.method { font-weight: 600; }
+.method { font-weight: 600; overflow-wrap: anywhere; }
 .tokens { font-family: ui-monospace, monospace; font-size: 0.9em; line-height: 1.7; white-space: pre-wrap; }
 .kept { color: #111; }
 .dropped { color: #aaa; text-decoration: line-through; }
