@@ -80,6 +80,9 @@ def test_a_method_of_your_own_is_a_yaml_path(tmp_path):
     (tmp_path / "random.yaml").write_text("{}")
     twice = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", "random", str(tmp_path / "random.yaml"), "--out", str(tmp_path / "o"))
     assert twice.returncode != 0 and "names a method twice" in twice.stderr
+    (tmp_path / "bad.yaml").write_text("- a list\n")
+    bad = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o"), "--dry-run")
+    assert bad.returncode != 0 and "bad.yaml: a method config is a mapping" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_a_full_disk_is_named_as_such(tmp_path, capsys):

@@ -38,6 +38,7 @@ import html
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,6 +79,8 @@ def method_config(path: str, seed: int, save_dir: str, reference: str | None, lo
             config = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             sys.exit(f"error: {path} is not valid YAML: {e}")
+    if not isinstance(config, dict):
+        sys.exit(f"error: {path}: a method config is a mapping (trainer: callbacks+: [...]), got {type(config).__name__}")
     callbacks = list((config.get("trainer") or {}).get("callbacks+") or [])
     for cb in callbacks:
         args = cb.setdefault("init_args", {})
@@ -127,8 +130,6 @@ def run(cmd: list[str], run_dir: str, dry_run: bool) -> None:
 
 
 def free_gib(path: str) -> float:
-    import shutil
-
     return shutil.disk_usage(path).free / 2**30
 
 
