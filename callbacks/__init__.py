@@ -5,6 +5,8 @@ Providers of per-token inputs (each computes its input only when the selection m
 - ``HistoryModel``: ``history_nll``, the history model's per-token NLL (base / snapshot / EMA).
 - ``ReferenceModel``: ``reference_nll``, a frozen reference model's per-token NLL (Rho-1, TokenCleaning).
 - ``AttentionScore``: ``attention``, the attention mass on the prompt, from one layer of the training forward.
+- ``SequenceEntropy``: ``sequence_entropy`` and ``attended``, the predictive entropy at every attended position
+  (Q-Tuning's uncertainty as the authors' code computes it), from the training forward's hidden states.
 
 The selector:
 
@@ -22,5 +24,6 @@ from sstoken_pl.callbacks.history import HistoryModel
 from sstoken_pl.callbacks.reference import ReferenceModel
 from sstoken_pl.callbacks.resume import ExactResume, SaveOnInterrupt
 from sstoken_pl.callbacks.selection import TokenSelection
+from sstoken_pl.callbacks.sequence_entropy import SequenceEntropy
 
-__all__ = ["AttentionScore", "ExactResume", "HistoryModel", "ReferenceModel", "SaveOnInterrupt", "TokenSelection"]
+__all__ = ["AttentionScore", "ExactResume", "HistoryModel", "ReferenceModel", "SaveOnInterrupt", "SequenceEntropy", "TokenSelection"]

@@ -35,6 +35,7 @@ class AttentionScore(Callback):
     """
 
     provides = ("attention",)
+    from_training_forward = True  # read after the training forward, never before it
 
     def __init__(self, layer: int = -1, chunk_size: int = 256, model_attr: str = "model") -> None:
         self.layer = check_layer(layer, "AttentionScore.layer")

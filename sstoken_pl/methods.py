@@ -6,7 +6,8 @@ A method is *inputs → score → rule* (see ``sstoken_pl.selection``):
   (computed by ``sstoken_pl.token_loss``): ``nll`` and ``entropy`` (the latter only when a method asks for it).
   From provider callbacks: ``history_nll`` (``HistoryModel``), ``reference_nll`` (``ReferenceModel``),
   ``attention`` (``AttentionScore``).
-- a **score** is a pure function ``score(inputs, response_mask, options, generator) -> FloatTensor[B, T]``.
+- a **score** is a pure function ``score(inputs, response_mask, options, generator) -> FloatTensor[B, T]``;
+  ``options`` carries the method's options and ``ratio`` (ρ, ``TokenSelection.ratio``).
 - a **rule** turns scores into the kept mask or weights: ``sample_top`` (per-sample top ⌈ρR⌉), ``batch_top``
   (top ⌈ρN⌉ over the batch's response tokens), ``global_threshold`` (a dataset-wide threshold from a scoring pass
   before training), ``weights`` (per-sample min-max of the score as loss weights).
@@ -23,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from sstoken_pl import selection
+from sstoken_pl import qtuning, selection
 from sstoken_pl.errors import ConfigError
 
 # Inputs computed from the current forward by ``token_loss``; every other input comes from a provider callback.
@@ -33,6 +34,8 @@ PROVIDERS = {
     "history_nll": "sstoken_pl.callbacks.HistoryModel",
     "reference_nll": "sstoken_pl.callbacks.ReferenceModel",
     "attention": "sstoken_pl.callbacks.AttentionScore",
+    "sequence_entropy": "sstoken_pl.callbacks.SequenceEntropy",
+    "attended": "sstoken_pl.callbacks.SequenceEntropy",
 }
 RULES = ("sample_top", "batch_top", "global_threshold", "weights")
 
@@ -90,6 +93,13 @@ def _tokencleaning(inputs: Inputs, resp: torch.Tensor, options: Mapping[str, Any
 
 
 def _qtuning(inputs: Inputs, resp: torch.Tensor, options: Mapping[str, Any], generator) -> torch.Tensor:
+    return qtuning.qtuning_scores(
+        inputs["nll"], inputs["sequence_entropy"], inputs["attended"], resp,
+        options["sample_ratio"], options["ratio"], options["smoothing"], generator,
+    )
+
+
+def _qtuning_paper(inputs: Inputs, resp: torch.Tensor, options: Mapping[str, Any], generator) -> torch.Tensor:
     return selection.qtuning_scores(
         inputs["nll"], inputs["entropy"], resp, options["sample_ratio"], options["smoothing"]
     )
@@ -125,8 +135,14 @@ for _m in (
         "TokenCleaning (fixed model): L_base − L_reference; one dataset-wide threshold keeping the top ρ",
     ),
     Method(
-        "qtuning", _fixed("nll", "entropy"), _qtuning, "sample_top", {"sample_ratio": 0.5, "smoothing": 0.5},
-        "Q-Tuning: sample triage on the perplexity × entropy plane, smoothed-PPL token pruning in Q2 samples",
+        "qtuning", _fixed("nll", "sequence_entropy", "attended"), _qtuning, "sample_top",
+        {"sample_ratio": 0.25, "smoothing": 0.5},
+        "Q-Tuning as the authors' code runs it: keep Q2 ∪ Q4 samples of the perplexity × entropy plane, drop the "
+        "highest smoothed-PPL tokens of Q2 samples to a per-batch budget of ρ·sample_ratio of the attended tokens",
+    ),
+    Method(
+        "qtuning_paper", _fixed("nll", "entropy"), _qtuning_paper, "sample_top", {"sample_ratio": 0.5, "smoothing": 0.5},
+        "Q-Tuning, our reading of the paper: drop the Q1/Q3 corners, keep the highest smoothed-PPL tokens of Q2 samples",
     ),
 ):
     register_method(_m)

@@ -152,10 +152,15 @@ def ratio_threshold(scores: torch.Tensor, ratio: float) -> float:
 
 def weights_from_scores(scores: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """``FloatTensor[B, T]`` in [0, 1]: per-sample min-max of the finite scores as per-token loss weights (the soft
-    rule: weight rather than drop); ``+inf`` → 1, ``−inf`` → 0, 0 off the response."""
+    rule: weight rather than drop); ``+inf`` → 1, ``−inf`` → 0, 0 off the response. A sample whose finite scores
+    all tie (one token, or REL ≡ 0 at step 0 of a base history) has no ranking to express: uniform weights 1."""
     scores = scores.float()
     finite = response_mask & torch.isfinite(scores)
     w = minmax_per_sample(torch.where(finite, scores, 0.0), finite)
+    big = torch.finfo(scores.dtype).max
+    lo = torch.where(finite, scores, big).amin(dim=1, keepdim=True)
+    hi = torch.where(finite, scores, -big).amax(dim=1, keepdim=True)
+    w = torch.where(finite & (hi == lo), 1.0, w)
     w = torch.where(scores == torch.inf, 1.0, w)
     return torch.where(response_mask & (scores > -torch.inf), w, 0.0)
 

@@ -22,6 +22,17 @@ def test_inf_scores_are_always_and_never_kept():
     assert w[0, 1] == 1 and w[0, 4] == 0 and w[0, 3] == 1 and w[0, 2] == 0 and 0 < w[0, 5] < 1
 
 
+def test_weights_of_a_sample_whose_scores_all_tie_are_uniform():
+    resp = torch.tensor([[False, True, True, True], [False, True, True, True], [False, True, False, False]])
+    scores = torch.tensor([[0.0, 0.3, 0.3, 0.3], [0.0, 0.1, 0.5, 0.9], [0.0, 2.0, 0.0, 0.0]])
+    w = selection.weights_from_scores(scores, resp)
+    assert w[0].tolist() == [0.0, 1.0, 1.0, 1.0], "all tie: every token weighs alike, none is lost"
+    assert w[1, 1] == 0 and w[1, 3] == 1, "a ranking still min-maxes"
+    assert w[2].tolist() == [0.0, 1.0, 0.0, 0.0], "one response token: weight 1"
+    scores[0, 2] = -torch.inf  # a tie among the finite ones; the −inf one still gets 0
+    assert selection.weights_from_scores(scores, resp)[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
 def test_ties_are_broken_without_positional_bias():
     # All scores equal (REL ≡ 0 at step 0): the earliest-first rule drops the end of every response.
     resp = torch.ones(4000, 10, dtype=torch.bool)
@@ -134,7 +145,9 @@ def test_registry_and_options():
     assert get_method("sstoken").needs({"gamma": 0.0}) == {"attention"}
     assert get_method("sstoken").needs({"gamma": 1.0}) == {"nll", "history_nll"}
     assert get_method("rho1").rule == "batch_top" and get_method("tokencleaning").rule == "global_threshold"
-    assert resolve_options(get_method("qtuning"), {"sample_ratio": 0.25}) == {"sample_ratio": 0.25, "smoothing": 0.5}
+    assert resolve_options(get_method("qtuning_paper"), {"sample_ratio": 0.25}) == {"sample_ratio": 0.25, "smoothing": 0.5}
+    assert resolve_options(get_method("qtuning"), {}) == {"sample_ratio": 0.25, "smoothing": 0.5}
+    assert get_method("qtuning").needs({}) == {"nll", "sequence_entropy", "attended"}
     with pytest.raises(ConfigError, match="not options of method 'qtuning'"):
         resolve_options(get_method("qtuning"), {"gamma": 0.5})
     with pytest.raises(ConfigError, match="unknown method"):

@@ -104,8 +104,8 @@ def test_tokencleaning_keeps_the_top_share_of_the_whole_training_set(tiny_llama,
     assert spy.state_dict()["threshold"] == spy.threshold
 
 
-def test_qtuning_gets_entropy_and_drops_whole_samples(tiny_llama):
-    spy = Spy(method="qtuning", ratio=0.6, options={"sample_ratio": 0.5})
+def test_qtuning_paper_gets_entropy_and_drops_whole_samples(tiny_llama):
+    spy = Spy(method="qtuning_paper", ratio=0.6, options={"sample_ratio": 0.5})
     trainer(max_steps=2, callbacks=[spy]).fit(ForeignModule(tiny_llama, lr=0.5), train_dataloaders=loader(random_batches(2, batch_size=8)))
     for s in spy.seen:
         assert "entropy" in s["inputs"] and (s["inputs"]["entropy"][s["resp"]] > 0).all()
