@@ -13,7 +13,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import per_token_nll
+from sstoken_pl.loss import per_token_nll, training_precision
 from sstoken_pl.models import response_logits
 from sstoken_pl.token_cache import SampleCache
 
@@ -182,14 +182,14 @@ class HistoryModel(Callback):
         model = hf_model(pl_module, self.model_attr)
         was_training = model.training
         model.eval()
-        try:
-            with self.history_weights(model) as overrides:
+        try:  # in the training step's precision (autocast), or REL would carry its rounding
+            with training_precision(pl_module), self.history_weights(model) as overrides:
                 if overrides:
                     call = lambda **kw: functional_call(model, overrides, args=(), kwargs=kw, strict=False)  # noqa: E731
                     logits = response_logits(model, batch, call=call)
                 else:
                     logits = response_logits(model, batch)
-            nll = per_token_nll(logits, batch["labels"])
+                nll = per_token_nll(logits, batch["labels"])
         finally:
             model.train(was_training)
         return nll

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import per_token_nll
+from sstoken_pl.loss import per_token_nll, training_precision
 from sstoken_pl.models import dtype_name, find_exported_model, load_causal_lm, response_logits
 from sstoken_pl.token_cache import SampleCache
 
@@ -132,7 +132,10 @@ class ReferenceModel(Callback):
             raise RuntimeError("ReferenceModel: no model loaded (it is loaded at fit start)")
         if self.cache and self._samples is None:
             self._samples = SampleCache()
-        compute = lambda: per_token_nll(response_logits(self.model, batch), batch["labels"])  # noqa: E731
+        def compute() -> torch.Tensor:  # in the training step's precision (autocast), as the current model's NLL
+            with training_precision(pl_module):
+                return per_token_nll(response_logits(self.model, batch), batch["labels"])
+
         if self._samples is not None:  # FSDP2: the forward is skipped only if every rank hits
             nll = self._samples.fetch(batch, compute, lambda hit: sharding.everywhere(hit, sharding.is_sharded(self.model)))
         else:

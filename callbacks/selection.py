@@ -16,7 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sstoken_pl import selection, sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, response_mask as response_positions
+from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, training_precision
+from sstoken_pl.loss import response_mask as response_positions
 from sstoken_pl.models import response_logits
 from sstoken_pl.methods import CURRENT_INPUTS, PROVIDERS, RULES, get_method, resolve_options
 
@@ -197,7 +198,8 @@ class TokenSelection(Callback):
         attention = self._providers.get("attention")
         with attention.paused() if attention is not None else contextlib.nullcontext():  # not the history's forward
             for name in self._needs_at(trainer.global_step):
-                if name not in CURRENT_INPUTS and name != "attention" and name in self._providers:
+                provider = self._providers.get(name)
+                if name not in CURRENT_INPUTS and provider is not None and not getattr(provider, "from_training_forward", False):
                     self._providers[name].token_input(name, pl_module, batch)
 
     def select(
@@ -219,7 +221,7 @@ class TokenSelection(Callback):
         options = self._options_at(step)
         values = self._gather(pl_module, batch, inputs, self.method.needs(options))
         generator = self._generator(trainer)
-        scores = self.method.score(values, response_mask, options, generator)
+        scores = self.method.score(values, response_mask, {**options, "ratio": self.ratio}, generator)
         if self.keep_end_of_turn:
             scores = torch.where(selection.end_of_turn_mask(response_mask), torch.inf, scores)
         kept = self._apply_rule(scores, response_mask, generator)
@@ -321,14 +323,19 @@ class TokenSelection(Callback):
             batch = trainer.strategy.batch_to_device(batch)
             resp = response_positions(batch["labels"])
             inputs = {}
-            if model is not None:
+            if model is not None:  # in the training step's precision (autocast), as the training forward
                 was = model.training
                 model.eval()
-                logits = response_logits(model, batch)
-                model.train(was)
-                inputs["nll"], inputs["entropy"] = per_token_nll(logits, batch["labels"], with_entropy=True)
+                try:
+                    with training_precision(pl_module):
+                        logits = response_logits(model, batch)
+                        inputs["nll"], inputs["entropy"] = per_token_nll(logits, batch["labels"], with_entropy=True)
+                finally:
+                    model.train(was)
             values = self._gather(pl_module, batch, inputs, needs)
-            scores = self.method.score(values, resp, self.options, torch.Generator().manual_seed(self.seed + i))
+            scores = self.method.score(
+                values, resp, {**self.options, "ratio": self.ratio}, torch.Generator().manual_seed(self.seed + i)
+            )
             chunks.append(scores[resp & torch.isfinite(scores)].float().cpu())
         threshold = selection.ratio_threshold(torch.cat(chunks), self.ratio)
         rank_zero_info(

@@ -8,8 +8,9 @@ a response position (nothing predicts it).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Protocol, runtime_checkable
+from typing import Any, ContextManager, Literal, Mapping, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -301,6 +302,15 @@ class StepTokenMean:
         mean = (total / count.clamp(min=1e-12)).detach()
         return total - total.detach() + torch.where(count > 0, mean, torch.zeros_like(mean))
 
+    def mark(self) -> torch.Tensor | None:
+        """The kept count so far in this step; ``rewind(mark)`` returns to it."""
+        return self.count
+
+    def rewind(self, mark: torch.Tensor | None) -> None:
+        """Forget the micro-batches counted since ``mark``: a micro-batch skipped without backward (non-finite loss)
+        must not dilute the step's token mean, or the other micro-batches' gradients are under-scaled."""
+        self.count = mark
+
     def finish(self, trainer: Any, optimizer: Any) -> None:
         if self.count is None:
             return  # nothing went through this owner in this step
@@ -349,6 +359,31 @@ def token_selector(pl_module: Any) -> TokenSelector | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, TokenSelector)), None)
 
 
+def step_token_mean(pl_module: Any) -> StepTokenMean | None:
+    """The ``StepTokenMean`` that ``token_loss`` counts this module's kept tokens in (the selector's, or without one
+    the module's), or None when the loss is a per-micro-batch mean (``loss_normalization: micro_batch``, manual
+    optimization, no trainer)."""
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None or not getattr(pl_module, "automatic_optimization", True):
+        return None
+    selector = token_selector(pl_module)
+    owner = selector if selector is not None else pl_module
+    step = getattr(owner, "token_step", None)
+    if isinstance(step, StepTokenMean) and getattr(owner, "loss_normalization", None) == "step":
+        return step
+    return None
+
+
+def training_precision(pl_module: Any) -> ContextManager:
+    """The context the training step's forward runs in (the precision plugin's: autocast under ``bf16-mixed`` /
+    ``16-mixed``). Forwards of other models (history, reference) and scoring passes run in it too, so that their
+    per-token NLL differs from the current model's by the weights only, not by rounding (REL ≡ 0 at lr 0)."""
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None:
+        return contextlib.nullcontext()
+    return trainer.strategy.precision_plugin.train_step_context()
+
+
 def token_loss(pl_module: Any, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
     """The training loss of every module, ours or a user's: mean NLL over the kept response tokens.
 
@@ -384,10 +419,7 @@ def token_loss(pl_module: Any, batch: Mapping[str, torch.Tensor], logits: torch.
             inputs = {"nll": nll}
         weights = selector.select(pl_module, batch, inputs, mask).to(nll.dtype)
     total, count = (nll * weights).sum(), weights.sum()
-    owner = selector if selector is not None else pl_module
-    step = getattr(owner, "token_step", None)
-    if training and isinstance(step, StepTokenMean) and getattr(owner, "loss_normalization", None) == "step" and getattr(
-        pl_module, "automatic_optimization", True
-    ):
+    step = step_token_mean(pl_module) if training else None
+    if step is not None:
         return step.loss(total, count)
     return total / torch.where(count > 0, count, torch.ones_like(count))

@@ -21,6 +21,7 @@ from sstoken_pl.loss import (
     check_loss_normalization,
     per_token_nll,
     response_mask,
+    step_token_mean,
     token_loss,
     token_selector,
 )
@@ -194,12 +195,16 @@ class SFTModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         # the LM head at response rows only, where the model allows (or fused with the loss: fused_cross_entropy)
         logits = response_logits(self.model, batch, fused=self.fused_cross_entropy)
+        step = step_token_mean(self)
+        mark = step.mark() if step is not None else None
         loss = token_loss(self, batch, logits)
         finite = torch.isfinite(loss.detach()).float()
         if self.trainer.world_size > 1:  # every rank skips together, or DDP would wait forever
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")
         if not bool(finite):  # one host sync per micro-batch: a NaN/inf never reaches the weights or the EMA
             self.skipped_nonfinite += 1
+            if step is not None:  # its tokens leave the step's token mean: the other micro-batches keep their scale
+                step.rewind(mark)
             rank_zero_warn(
                 f"train: non-finite loss at step {self.trainer.global_step} (batch {batch_idx}); skipped this batch "
                 f"({self.skipped_nonfinite} so far)"
