@@ -13,6 +13,17 @@ Writes one JSON line per problem to ``--output`` (default: ``eval_<split>.jsonl`
 version folder, the exported model's folder, or the checkpoint's folder; the current folder for a hub/package
 model): ``{"index", "prompt", "output", "gold", "extracted", "correct"}``, and a summary next to it
 (``<output>.summary.json``).
+
+Retention (``--retention true``; ``sstoken_pl.retention``): the general-instruction NLL (Alpaca seed tasks,
+``--general_path``) and another domain's NLL (GSM8K test answers, ``--other_path``; the synthetic task's validation
+answers when ``--data.format gsm8k``) of the model, rendered with ``data.max_length``, written to
+``<output>.retention.json`` (the record of ``sstoken_pl.retention``) and printed. Their base values come from
+``--base`` (a base model, computed), else from the ``retention.json`` that ``fit`` wrote beside the model (when the
+same data gave the same token counts: pass the run's ``--config``), else from the model named by the run's
+``config.yaml`` (``model.model_name_or_path``); otherwise the absolute values are reported. ``--num_problems 0``
+measures retention only.
+
+    python -m sstoken_pl evaluate --model runs/quickstart --config configs/quickstart.yaml --retention true --num_problems 0
 """
 
 from __future__ import annotations
@@ -91,6 +102,7 @@ def _parser():
     from jsonargparse import ArgumentParser, DefaultHelpFormatter
 
     from sstoken_pl.data import SFTDataModule
+    from sstoken_pl.retention import GENERAL_PATH, OTHER_PATH
 
     class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """Keeps the description's paragraphs and examples as written."""
@@ -115,6 +127,13 @@ def _parser():
     parser.add_argument("--max_new_tokens", type=int, default=256, help="generation budget per problem")
     parser.add_argument("--batch_size", type=int, default=16, help="problems generated together")
     parser.add_argument("--output", type=Optional[str], default=None, help="per-problem JSONL (default: beside the model)")
+    parser.add_argument("--retention", type=bool, default=False, help="also measure the retention NLLs (see above)")
+    parser.add_argument("--base", type=Optional[str], default=None,
+                        help="base model for the retention deltas (any --model source)")
+    parser.add_argument("--base_gguf_file", type=Optional[str], default=None, help="a GGUF file inside --base's folder")
+    parser.add_argument("--general_path", type=str, default=GENERAL_PATH, help="the Alpaca seed tasks (retention)")
+    parser.add_argument("--other_path", type=str, default=OTHER_PATH, help="the GSM8K test file (retention)")
+    parser.add_argument("--retention_samples", type=int, default=200, help="at most this many samples per measure")
     return parser
 
 
@@ -139,6 +158,11 @@ def main(argv: list[str]) -> None:
 
 
 def run(argv: list[str]) -> dict[str, Any]:
+    flag = "--lm_eval_tasks"  # lm-evaluation-harness instead of exact match: sstoken_pl.harness, docs/evaluation.md
+    if any(a.split("=", 1)[0] == flag for a in argv):
+        from sstoken_pl.harness import run_cli
+
+        return run_cli(["--tasks" + a[len(flag):] if a.split("=", 1)[0] == flag else a for a in argv])
     from sstoken_pl.data import SFTDataModule
     from sstoken_pl.evaluation import write_jsonl
     from sstoken_pl.synthetic import SyntheticTask
@@ -159,8 +183,11 @@ def run(argv: list[str]) -> dict[str, Any]:
     if not source:
         raise ConfigError("give --model (an exported model, a run dir, a .ckpt, a hub name) or a --config with model:")
     gguf = args.gguf_file or (model_defaults.get("gguf_file") if not args.model else None)
-    if args.num_problems < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise ConfigError("--num_problems, --max_new_tokens and --batch_size must be positive")
+    if args.num_problems < (0 if args.retention else 1) or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise ConfigError("--num_problems, --max_new_tokens and --batch_size must be positive "
+                          "(--num_problems 0 only with --retention true)")
+    if args.retention_samples < 1:
+        raise ConfigError(f"--retention_samples must be positive, got {args.retention_samples}")
     model, tokenizer, out_dir = load_for_eval(source, gguf_file=gguf, dtype=args.dtype)
     data = args.data.as_dict() if hasattr(args.data, "as_dict") else dict(vars(args.data))
     synthetic = data.pop("synthetic", None)
@@ -168,17 +195,86 @@ def run(argv: list[str]) -> dict[str, Any]:
         data["synthetic"] = SyntheticTask(**synthetic)
     elif synthetic is not None:
         data["synthetic"] = synthetic
+    output = args.output or os.path.join(out_dir, f"eval_{args.split}.jsonl")
+    retention = _retention(args, model, tokenizer, data, out_dir, output) if args.retention else None
+    if args.num_problems == 0:
+        return {"model": source, "retention": retention}
     datamodule = SFTDataModule(tokenizer=tokenizer, **data)
     problems = datamodule.eval_problems(limit=args.num_problems, split=args.split)
     rows = evaluate(model, tokenizer, problems, args.max_new_tokens, args.batch_size)
-    output = args.output or os.path.join(out_dir, f"eval_{args.split}.jsonl")
     write_jsonl(output, rows)
     correct = sum(r["correct"] for r in rows)
     summary = {
         "model": source, "data": data.get("path") or "synthetic", "split": args.split, "n": len(rows),
         "correct": correct, "accuracy": correct / len(rows), "max_new_tokens": args.max_new_tokens, "output": output,
+        **({"retention": retention} if retention is not None else {}),
     }
     with open(os.path.splitext(output)[0] + ".summary.json", "w") as f:
         json.dump(summary, f, indent=1)
     print(f"exact match: {correct}/{len(rows)} = {100 * correct / len(rows):.1f}%  ({output})")
     return summary
+
+
+def _recorded_base(out_dir: str, record: dict[str, Any]) -> tuple[dict[str, float], str]:
+    """Base values from the ``retention.json`` of ``fit`` in ``out_dir`` for the measures whose data and token count
+    are the same as in ``record``, and a note on those that are not."""
+    path = os.path.join(out_dir, "retention.json")
+    if not os.path.isfile(path):
+        return {}, ""
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    base, differ = {}, []
+    for name, entry in record.items():
+        old = saved.get(name) if isinstance(saved, dict) else None
+        if not isinstance(old, dict) or old.get("base") is None or "skipped" in entry:
+            continue
+        if (old.get("path"), old.get("tokens")) == (entry["path"], entry["tokens"]):
+            base[name] = old["base"]
+        else:
+            differ.append(name)
+    note = f"; {path} has other data or token counts for {', '.join(differ)} (pass the run's --config)" if differ else ""
+    return base, note
+
+
+def _run_base_model(out_dir: str) -> Optional[tuple[str, Optional[str]]]:
+    """``(model_name_or_path, gguf_file)`` of the run's ``config.yaml`` in ``out_dir``, when it names one."""
+    import yaml
+
+    path = os.path.join(out_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        model = (yaml.safe_load(f) or {}).get("model") or {}
+    name = model.get("model_name_or_path") if isinstance(model, dict) else None
+    return (name, model.get("gguf_file")) if name else None
+
+
+def _retention(args: Any, model: Any, tokenizer: Any, data: dict[str, Any], out_dir: str, output: str) -> dict[str, Any]:
+    """The retention record of ``model`` (module docstring), printed and written to ``<output>.retention.json``."""
+    from sstoken_pl.retention import (RetentionConfig, format_line, retention_record, trains_on_gsm8k, with_base,
+                                      write_record)
+
+    config = RetentionConfig(general_path=args.general_path, other_path=args.other_path,
+                             max_samples=args.retention_samples, max_length=data.get("max_length") or 2048)
+    gsm8k = trains_on_gsm8k(data.get("format"), data.get("path"), args.other_path)
+    record = retention_record(model, tokenizer, config, gsm8k_run=gsm8k, synthetic=data.get("synthetic"), strict=True,
+                              option="--{}")
+    base: dict[str, Any] = {}
+    note = ""
+    base_source = (args.base, args.base_gguf_file) if args.base else None
+    if base_source is None:
+        run_dir = os.path.dirname(out_dir) if os.path.basename(out_dir) == "checkpoints" else out_dir
+        base, note = _recorded_base(run_dir, record)
+        if len(base) < len(record):
+            base_source = _run_base_model(run_dir)
+    if base_source is not None:
+        base_model, base_tokenizer, _ = load_for_eval(base_source[0], gguf_file=base_source[1], dtype=args.dtype)
+        base = retention_record(base_model, base_tokenizer, config, gsm8k_run=gsm8k, synthetic=data.get("synthetic"))
+        note = f"; base: {base_source[0]}"
+    record = with_base(record, base)
+    path = os.path.splitext(output)[0] + ".retention.json"
+    write_record(path, record)
+    for name, entry in record.items():
+        print(format_line(name, entry))
+    print(f"retention: {path}" + (note or ("" if base else "; no base values (give --base for the deltas)")))
+    return record

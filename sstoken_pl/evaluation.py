@@ -1,4 +1,5 @@
-"""``AnswerAccuracy``: exact-match accuracy of the final answer, by greedy generation, before and after ``fit``."""
+"""``AnswerAccuracy``: exact-match accuracy of the final answer, by greedy generation, before and after ``fit``; and
+the retention measures (``sstoken_pl.retention``) before and after ``fit``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from sstoken_pl import sharding
 from sstoken_pl.data import extract_final_answer
 from sstoken_pl.errors import ConfigError
+from sstoken_pl.retention import FitRetention, RetentionConfig
 
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
@@ -104,9 +106,19 @@ class AnswerAccuracy(Callback):
         batch_size: problems generated together.
         before: also evaluate at fit start (the base model); off saves one evaluation when comparing many runs of
             the same base model.
+        retention: the retention measures (``sstoken_pl.retention``): general-instruction and other-domain NLL of
+            the base model at fit start and of the trained model at fit end, independent of ``num_problems``; on by
+            default, skipped with one logged reason where their data are absent; ``<log dir>/retention.json``.
     """
 
-    def __init__(self, num_problems: int = 64, max_new_tokens: int = 128, batch_size: int = 16, before: bool = True) -> None:
+    def __init__(
+        self,
+        num_problems: int = 64,
+        max_new_tokens: int = 128,
+        batch_size: int = 16,
+        before: bool = True,
+        retention: RetentionConfig = RetentionConfig(),
+    ) -> None:
         if num_problems < 0 or max_new_tokens < 1 or batch_size < 1:
             raise ConfigError(
                 "AnswerAccuracy: num_problems must be ≥ 0, max_new_tokens and batch_size ≥ 1 "
@@ -116,6 +128,7 @@ class AnswerAccuracy(Callback):
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.before = before
+        self.retention = FitRetention(RetentionConfig(**retention) if isinstance(retention, dict) else retention)
         self.results: dict[str, float] = {}
         self._log_dir: str | None = None
 
@@ -160,11 +173,14 @@ class AnswerAccuracy(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log_dir = trainer.log_dir if self.num_problems else None  # on every rank: under DDP, a collective call
+        wanted = self.num_problems or self.retention.config.enabled
+        self._log_dir = trainer.log_dir if wanted else None  # on every rank: under DDP, a collective call
         if self.num_problems:
             sharding.check_gathering(trainer, "eval (answer accuracy)", "eval.num_problems: 0")
         if self.before:
             self._run(trainer, pl_module, "before")
+        self.retention.before(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._run(trainer, pl_module, "after")
+        self.retention.after(trainer, pl_module, self._log_dir)

@@ -247,6 +247,10 @@ class SyntheticTask:
             ``#### <answer>`` are replaced by the same wrong number (answer ± 1..9, never negative); drawn
             independently of ``noise``. The record's ``answer`` field stays the true one.
         seed: the problems (and the noise) are a function of this seed.
+        clean_copies: append to the training split the noise-free versions of its first this many problems (all of
+            them if fewer): the clean subset a reference model trains on (``noise=0 label_noise=0`` and
+            ``data.max_samples``), mixed into the noisy data. The ``noise`` and ``label_noise`` shares are of the
+            ``num_train`` problems; the copies have no noise spans.
 
     Records (``records``) are ``{"prompt", "completion", "answer", "noise_spans"}``: ``noise_spans`` lists the
     ``[start, end)`` character spans of ``completion`` that are injected noise (see the module docstring).
@@ -257,6 +261,7 @@ class SyntheticTask:
     noise: float = 0.3
     label_noise: float = 0.0
     seed: int = 0
+    clean_copies: int = 0
 
     def __post_init__(self) -> None:
         for field in ("num_train", "num_val"):
@@ -267,6 +272,8 @@ class SyntheticTask:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"data.synthetic.{field} must be in [0, 1], got {value!r}")
+        if isinstance(self.clean_copies, bool) or not isinstance(self.clean_copies, int) or self.clean_copies < 0:
+            raise ConfigError(f"data.synthetic.clean_copies must be a non-negative integer, got {self.clean_copies!r}")
 
     def _problems(self) -> list[tuple[str, list[str], int]]:
         """``num_val + num_train`` problems with distinct (template, numbers) keys, validation ones first."""
@@ -313,7 +320,8 @@ class SyntheticTask:
             if i in noised:
                 pieces = _noised(pieces, noise_rng)
             records.append(_record(q, pieces, answer, shown))
-        return records
+        clean = [_record(q, [(s, []) for s in sentences], answer, answer) for q, sentences, answer in train[: self.clean_copies]]
+        return records + clean
 
 
 def _record(question: str, pieces: list[_Piece], answer: int, shown: int) -> dict:

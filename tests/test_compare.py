@@ -26,29 +26,46 @@ def test_compare_end_to_end_and_resume(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
     table = (tmp_path / "results.md").read_text().split("Share of the clean")[0]  # the main table, not the kinds one
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
-    assert set(rows) == {"method", "full", "random", "rho1"}
-    assert "exact match" in rows["method"] and "noise dropped" in rows["method"]
+    assert set(rows) == {"method", "full", "random", "rho1", "full+clean", "reference (clean subset)"}
+    assert "exact match" in rows["method"] and "noise dropped" in rows["method"] and "general NLL Δ" in rows["method"]
     cells = [c.strip() for c in rows["random"].split("|")[1:-1]]
     assert 0.55 < float(cells[1]) < 0.7 and 0 < float(cells[2]) < 1 and cells[6].endswith("(n=1)")
     assert [c.strip() for c in rows["full"].split("|")[2:5]] == ["1.000", "0.000", "1.000"]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["rows"]) == {"full", "random", "rho1"} and results["runs"]["rho1"]["0"]["val_curve"]
+    assert set(results["rows"]) == {"full", "random", "rho1", "full+clean", "reference (clean subset)"}
+    assert results["runs"]["rho1"]["0"]["val_curve"]
     evals = [json.loads(line) for line in next((tmp_path / "runs" / "rho1").rglob("eval_after.jsonl")).read_text().splitlines()]
     assert len(evals) == 2 and sum(r["correct"] for r in evals) / 2 == results["runs"]["rho1"]["0"]["accuracy_after"]
     assert (tmp_path / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (tmp_path / "samples.html").read_text()
     assert page.count("class='sample'") == 2 and "class=\"dropped" in page and "noise" in page
     assert (tmp_path / "reference" / "done.json").is_file(), "rho1 needed a reference, trained once"
+    # the reference is a row evaluated like every method; full+clean is full SFT with its clean subset mixed in
+    ref = [c.strip() for c in rows["reference (clean subset)"].split("|")[1:-1]]
+    assert ref[1] == "1.000" and float(ref[5]) > 0 and ref[6].endswith("(n=1)"), ref
+    assert results["runs"]["reference (clean subset)"]["0"]["val_curve"]
+    mixed = json.loads((tmp_path / "runs" / "full+clean" / "seed0" / "done.json").read_text())
+    assert "--data.synthetic.clean_copies=256" in mixed["command"] and mixed["data_order_seed"] is None
+    assert "clean_copies" not in json.loads((tmp_path / "runs" / "full" / "seed0" / "done.json").read_text())["command"]
+    assert [c.strip() for c in rows["full+clean"].split("|")[2:5]] == ["1.000", "0.000", "1.000"]
+    assert (tmp_path / "target_vs_retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if not list((tmp_path / "runs" / "random").rglob("retention.json")):  # before `fit` measures retention itself
+        assert "random: left out (no general NLL Δ)" in (tmp_path / "results.md").read_text()
     kinds = (tmp_path / "results.md").read_text().split("Share of the clean")[1]
     assert "| random |" in kinds and "| rho1 |" in kinds and "| full |" not in kinds
     assert not list(tmp_path.rglob("*.ckpt")), "comparison runs write no Lightning checkpoint by default"
     assert list((tmp_path / "runs" / "random").rglob("hf_model/config.json")), "but they export the model"
     versions = sorted(p for p in tmp_path.rglob("version_*"))
     again = tool("compare.py", *args, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("reusing") == 4, again.stdout
+    assert again.returncode == 0 and again.stdout.count("reusing") == 5, again.stdout
     assert sorted(p for p in tmp_path.rglob("version_*")) == versions, "finished runs are not redone"
+    # a retention record written after the run (the file is the source of truth) shows in a report
+    (tmp_path / "runs" / "random" / "seed0" / "retention.json").write_text(json.dumps(
+        {"general_nll": {"base": 2.0, "after": 2.25, "delta": 0.25, "tokens": 10, "path": "x"}}))
     complete = tool("compare.py", *args, "--report-only", timeout=600)
     assert complete.returncode == 0 and "partial report" not in (tmp_path / "results.md").read_text()
+    line = next(l for l in (tmp_path / "results.md").read_text().splitlines() if l.startswith("| random |"))
+    assert line.endswith("| +0.250 | — |"), line
     args[args.index("--methods") + 1 : args.index("--seeds")] = ["full", "random", "sstoken"]
     partial = tool("compare.py", *args, "--report-only", timeout=600)
     assert partial.returncode == 0 and "sstoken seed 0: not run yet" in partial.stdout, partial.stdout + partial.stderr[-2000:]
@@ -107,8 +124,8 @@ def test_table_and_html_builders():
     assert paired["random"]["time_ratio"] == pytest.approx(1.5), "against full SFT of the same seed"
     assert paired["sstoken"]["time_ratio"] == pytest.approx((1.5 + 1.5 / 4) / 2)
     table = compare.markdown_table(rows)
-    assert "| sstoken | 0.600 | 0.500 | 0.600 | 0.500 | 2.500 ± 0.141 | 30.0% ± 14.1 (n=2) | 1.50× |" in table
-    assert "| full | 1.000 | 0.000 | 1.000 | 1.000 | 2.000 | 50.0% ± 0.0 (n=1) | 1.00× |" in table, "one seed: no std"
+    assert "| sstoken | 0.600 | 0.500 | 0.600 | 0.500 | 2.500 ± 0.141 | 30.0% ± 14.1 (n=2) | 1.50× | — | — |" in table
+    assert "| full | 1.000 | 0.000 | 1.000 | 1.000 | 2.000 | 50.0% ± 0.0 (n=1) | 1.00× | — | — |" in table, "one seed: no std"
     samples = {
         "full": [],
         "sstoken": [{"step": 10, "index": 3, "tokens": ["<b>", " & ", "x"], "kept": [1, 0, 1], "noise": [0, 1, 0]}],
@@ -135,3 +152,98 @@ def test_kept_by_token_kind_counts_clean_tokens_only():
     assert kinds["answer marker"] == (0.0, 1) and kinds["end of turn"] == (1.0, 1) and kinds["other"] == (None, 0)
     table = compare.kinds_table({"m": samples, "full": []})
     assert "| m | 1.00 | 0.00 | 0.50 | 1.00 | — |" in table and "full" not in table
+
+
+def first_batch(run_dir):
+    """The indices of the first training batch's logged samples (selection samples of step 1)."""
+    rows = [json.loads(l) for l in next(run_dir.rglob("selection_samples.jsonl")).read_text().splitlines()]
+    return [r["index"] for r in rows if r["step"] == 1]
+
+
+def test_data_order_seeds_shuffle_the_training_data_by_seed(tmp_path):
+    base = ["--config", "configs/tiny.yaml", "--methods", "random", "--seeds", "0", "1", "--max-steps", "1",
+            "--log-samples-every", "1", "--extra", "--data.synthetic.num_train=64 --trainer.limit_val_batches=0 --eval.num_problems=0"]
+    same = tool("compare.py", *base, "--out", str(tmp_path / "same"), timeout=600)
+    assert same.returncode == 0, same.stderr[-3000:]
+    shuffled = tool("compare.py", *base, "--data-order-seeds", "--out", str(tmp_path / "order"), timeout=600)
+    assert shuffled.returncode == 0, shuffled.stderr[-3000:]
+    runs = tmp_path / "same" / "runs" / "random"
+    assert len(first_batch(runs / "seed0")) == 4 and first_batch(runs / "seed0") == first_batch(runs / "seed1")
+    runs = tmp_path / "order" / "runs" / "random"
+    assert first_batch(runs / "seed0-order0") != first_batch(runs / "seed1-order1")
+    record = json.loads((runs / "seed1-order1" / "done.json").read_text())
+    assert record["data_order_seed"] == 1 and record["command"].endswith("--data.seed=1")
+    assert json.loads((tmp_path / "same" / "runs" / "random" / "seed1" / "done.json").read_text())["data_order_seed"] is None
+    assert "each seed S also shuffles" in (tmp_path / "order" / "results.md").read_text()
+    # a run of the other kind is never reused for this one: its record says which order it trained on
+    (runs / "seed0-order0" / "done.json").write_text(json.dumps({**record, "data_order_seed": None}))
+    wrong = tool("compare.py", *base, "--data-order-seeds", "--out", str(tmp_path / "order"), "--report-only")
+    assert wrong.returncode != 0 and "data order seed None" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_retention_records_are_read_and_aggregated(tmp_path):
+    run = tmp_path / "run" / "lightning_logs" / "version_0"
+    run.mkdir(parents=True)
+    assert compare.read_retention(str(tmp_path / "run")) == {}, "no file: no measure"
+    (run / "retention.json").write_text(json.dumps({"general_nll": {"base": 2.0, "after": 2.5, "delta": 0.5, "tokens": 9, "path": "g"}}))
+    assert compare.read_retention(str(tmp_path / "run")) == {"general_delta": 0.5, "other_delta": None}
+    summary = compare.run_summary(str(tmp_path / "run"), {"val_loss": 1.0, "general_delta": 9.0})
+    assert summary["general_delta"] == 0.5 and summary["other_delta"] is None, "the file overrides the logged metric"
+    logged = compare.summarise({"retention/general_nll_delta": [(4, 0.3)], "retention/other_nll_delta": [(4, -0.1)]})
+    assert logged["general_delta"] == 0.3 and logged["other_delta"] == -0.1
+    (run / "retention.json").write_text(json.dumps({"general_nll": {"skipped": "no data", "path": "g"},
+                                                     "other_nll": {"base": None, "after": 2.0, "delta": None, "tokens": 3}}))
+    assert compare.read_retention(str(tmp_path / "run")) == {"general_delta": None, "other_delta": None}
+    (run / "retention.json").write_text(json.dumps({"general_nll": {"base": 2.0, "after": 2.5, "delta": float("nan")}}))
+    with pytest.raises(SystemExit, match="retention.json: general_nll's delta is not a finite number"):
+        compare.read_retention(str(tmp_path / "run"))
+    (run / "retention.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="not a readable JSON retention record"):
+        compare.read_retention(str(tmp_path / "run"))
+    one = dict(kept_fraction=None, noise_dropped=None, clean_kept=None, train_loss=1.0, val_loss=2.0, val_curve=[],
+               accuracy_before=None, accuracy_after=0.5, step_time=1.0)
+    results = {"full": {0: dict(one, general_delta=0.2, other_delta=None), 1: dict(one, general_delta=0.4, other_delta=0.1)},
+               "random": {0: dict(one)}}
+    rows = compare.aggregate(results)
+    assert rows["full"]["general_delta"] == pytest.approx(0.3) and rows["full"]["general_delta_std"] == pytest.approx(0.1414, abs=1e-3)
+    assert rows["full"]["other_delta"] == pytest.approx(0.1) and rows["full"]["other_delta_std"] is None
+    table = compare.markdown_table(rows)
+    assert "| general NLL Δ | other-domain NLL Δ |" in table
+    assert table.splitlines()[2].endswith("| +0.300 ± 0.141 | +0.100 |") and table.splitlines()[3].endswith("| — | — |")
+
+
+def test_full_clean_mixes_the_reference_clean_subset_in(tmp_path):
+    from sstoken_pl.errors import ConfigError
+    from sstoken_pl.synthetic import SyntheticTask
+
+    noisy = SyntheticTask(num_train=20, num_val=4, noise=1.0, label_noise=0.5).records("train")
+    clean = SyntheticTask(num_train=20, num_val=4, noise=0.0, label_noise=0.0).records("train")
+    mixed = SyntheticTask(num_train=20, num_val=4, noise=1.0, label_noise=0.5, clean_copies=8).records("train")
+    assert mixed[:20] == noisy and mixed[20:] == clean[:8], "the noisy data, then the clean first 8 problems"
+    assert all(r["noise_spans"] == [] for r in mixed[20:]) and all(r["noise_spans"] for r in mixed[:20])
+    assert len(SyntheticTask(num_train=20, num_val=4, clean_copies=256).records("train")) == 40, "all, if fewer"
+    with pytest.raises(ConfigError, match="clean_copies must be a non-negative integer"):
+        SyntheticTask(clean_copies=-1)
+    config = os.path.join(ROOT, "configs", "tiny.yaml")
+    assert compare.clean_subset(config, [], compare.REFERENCE_ARGS.split()) == (256, "")
+    assert compare.clean_subset(config, [], ["--data.synthetic.noise=0", "--data.synthetic.label_noise=0"])[0] is None
+    assert "noise=0" in compare.clean_subset(config, [], ["--data.synthetic.noise=0.1", "--data.max_samples=9"])[1]
+    assert "not the built-in task" in compare.clean_subset(config, ["--data.path=x.jsonl"], compare.REFERENCE_ARGS.split())[1]
+    out = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", "full+clean", "--out", str(tmp_path), "--dry-run",
+               "--reference-args=--data.max_samples=16")
+    assert out.returncode != 0 and "full+clean: --reference-args does not set" in out.stderr and "Traceback" not in out.stderr
+    out = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", "tokencleaning", "--out", str(tmp_path), "--dry-run")
+    assert out.returncode == 0 and "runs/full+clean/seed0" in out.stdout and "--data.synthetic.clean_copies=256" in out.stdout
+    assert "runs/full+clean" not in tool("compare.py", "--config", "configs/tiny.yaml", "--methods", "tokencleaning", "--out",
+                                          str(tmp_path), "--dry-run", "--no-full-clean").stdout
+
+
+def test_target_vs_retention_plot(tmp_path):
+    row = lambda acc, std, n, g, gs: {"acc_mean": acc, "acc_std": std, "n": n, "general_delta": g, "general_delta_std": gs}
+    rows = {"full": row(0.5, 0.1, 2, 0.3, 0.05), "sstoken": row(0.45, 0.0, 1, 0.1, None), "random": row(0.4, 0.0, 1, None, None),
+            "noeval": row(None, None, 0, 0.2, None)}
+    path = tmp_path / "t.png"
+    notes = compare.target_vs_retention(rows, 0.1, str(path), "t")
+    assert notes == ["random: left out (no general NLL Δ)", "noeval: left out (no exact match)"]
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert compare.target_vs_retention(rows, None, str(path), "t")[0] == "full: left out (no base-model exact match to compare with)"

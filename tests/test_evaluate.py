@@ -67,6 +67,8 @@ def test_evaluate_a_test_split_of_a_data_folder(tiny_run, tmp_path):
         (["--model", "{run}", "--split", "test"], "synthetic task has no test split"),
         (["--model", "{run}", "--data.path", "{tmp}/only_train.jsonl", "--split", "test"], "no test split"),
         ([], "give --model"),
+        (["--model", "{run}", "--retention", "true", "--general_path", "{tmp}/none.jsonl"], "needs its data"),
+        (["--model", "{run}", "--retention", "true", "--retention_samples", "0"], "--retention_samples must be positive"),
     ],
 )
 def test_bad_input_is_one_line(tiny_run, tmp_path, args, message):
