@@ -9,10 +9,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from sstoken_pl.errors import ConfigError
+from sstoken_pl.loss import _CHUNK_ELEMENTS
 from sstoken_pl.models import fused_head_problem, hf_model
-
-# Rows of logits turned into float32 at once (as sstoken_pl.loss): bounds the extra memory whatever B, T, V.
-_CHUNK_ELEMENTS = 1 << 26
 
 
 def attended_positions(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

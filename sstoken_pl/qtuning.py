@@ -128,8 +128,8 @@ def qtuning_mask(
     check_ratio(sample_ratio, "sample_ratio")
     check_ratio(ratio, "ratio")
     check_gamma(smoothing, "smoothing")
-    resp, att = response_mask, attended.bool() & (attended > 0)
-    att = att | resp
+    resp = response_mask
+    att = (attended > 0) | resp
     R = resp.sum(1)
     nll = torch.where(resp, nll.detach().float(), 0.0)
     ppl = torch.exp((nll.sum(1) / R.clamp(min=1)).clamp(max=80.0))
