@@ -27,7 +27,7 @@ METHODS = {
     "sstoken_release": ("configs/methods/sstoken_release.yaml", ["HistoryModel", "AttentionScore", "TokenSelection"]),
     "rho1": ("configs/paper/rho1.yaml", ["TokenSelection", "ReferenceModel"]),
     "tokencleaning": ("configs/paper/tokencleaning.yaml", ["HistoryModel", "TokenSelection", "ReferenceModel"]),
-    "qtuning": ("configs/methods/qtuning.yaml", ["TokenSelection"]),
+    "qtuning": ("configs/methods/qtuning.yaml", ["SequenceEntropy", "TokenSelection"]),
 }
 NEEDS_REFERENCE = {"rho1", "tokencleaning"}
 
@@ -83,7 +83,10 @@ def test_method_combination_resolves(method, capsys):
     reference_run = resolved(capsys, RECIPE, REFERENCE)["trainer"]["default_root_dir"]
     for cb in config["trainer"]["callbacks"]:
         args = cb["init_args"]
-        if cb["class_path"].endswith("TokenSelection"):
+        if cb["class_path"].endswith("TokenSelection") and method == "qtuning":
+            # the authors' own setting ("wise wise 50 70"): half the samples, 70% of their tokens
+            assert (args["ratio"], args["options"]["sample_ratio"]) == (0.7, 0.5)
+        elif cb["class_path"].endswith("TokenSelection"):
             assert args["ratio"] == 0.6, "the same token budget for every method"
             if method == "tokencleaning":
                 assert args["threshold_batches"] is None, "the threshold over the whole pool"
@@ -157,10 +160,12 @@ def test_method_trains_two_steps(method, data, tmp_path, request):
     assert len(logged) == 4, "2 optimizer steps × accumulate_grad_batches 2 micro-batches"
     assert trainer.precision == "bf16-mixed" and trainer.accumulate_grad_batches == 2
     assert [type(cb).__name__ for cb in trainer.callbacks if type(cb).__name__ in
-            ("HistoryModel", "AttentionScore", "ReferenceModel", "TokenSelection")] == callbacks
+            ("HistoryModel", "AttentionScore", "ReferenceModel", "SequenceEntropy", "TokenSelection")] == callbacks
     kept = [m["selection/kept_fraction"] for m in logged if "selection/kept_fraction" in m]
     if method == "full":
         assert not kept
+    elif method == "qtuning":  # about sample_ratio · ratio = 0.35 of the attended tokens, so fewer response tokens
+        assert len(kept) == 4 and all(0.1 < k < 0.6 for k in kept), kept
     else:
         assert len(kept) == 4 and all(0.3 < k < 1.0 for k in kept), kept
     assert all(m["train/loss"] == m["train/loss"] for m in logged if "train/loss" in m), "finite losses"
