@@ -58,6 +58,10 @@ class RetentionConfig:
         max_samples: at most this many samples per measure (all 175 seed instances fit the default).
         batch_size: samples per forward pass.
         max_length: samples are truncated to this many tokens; default: ``data.max_length`` (2048 in ``evaluate``).
+        base: the ``retention.json`` of an earlier run of the same base model on the same retention data (e.g. the
+            first run of a comparison): its ``base`` values are taken instead of measuring the base model at fit
+            start (the base pass costs as much as the final one). Each measure's source and response-token count
+            must match this run's, else one ``ConfigError`` at fit start.
     """
 
     enabled: bool = False
@@ -66,6 +70,7 @@ class RetentionConfig:
     max_samples: int = 200
     batch_size: int = 16
     max_length: Optional[int] = None
+    base: Optional[str] = None
 
     def __post_init__(self) -> None:
         for name in ("max_samples", "batch_size", "max_length"):
@@ -285,6 +290,36 @@ def metrics(record: dict[str, dict[str, Any]], when: str) -> dict[str, float]:
     return out
 
 
+def read_base(path: str, prepared: dict[str, tuple[str, Pairs] | str], tokenizer: Any, max_length: Optional[int],
+              option: str = "eval.retention.base") -> dict[str, dict[str, Any]]:
+    """The base values of ``path`` (a record written by ``fit`` or ``evaluate``) as a record whose ``after`` is the
+    base, for each measure of ``prepared`` that is not skipped. The measure's source and its number of response
+    tokens (``encode_pairs`` here, no forward) must equal the record's: else the values would be of other data."""
+    from sstoken_pl.loss import IGNORE_INDEX
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{option}={path}: not a readable retention record ({err})") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{option}={path}: a retention record is a mapping of measures")
+    out: dict[str, dict[str, Any]] = {}
+    for name, source in prepared.items():
+        if isinstance(source, str):
+            continue
+        entry = record.get(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("base"), (int, float)):
+            raise ConfigError(f"{option}={path}: no base value of {name} ({LABELS[name]})")
+        where, pairs = source
+        tokens = sum(sum(t != IGNORE_INDEX for t in labels[1:]) for _, labels in encode_pairs(pairs, tokenizer, max_length))
+        if (entry.get("path"), entry.get("tokens")) != (where, tokens):
+            raise ConfigError(f"{option}={path}: {name} was measured on {entry.get('path')} ({entry.get('tokens')} "
+                              f"response tokens), this run measures {where} ({tokens}): not the same data")
+        out[name] = {"base": None, "after": float(entry["base"]), "delta": None, "tokens": tokens, "path": where}
+    return out
+
+
 def write_record(path: str, record: dict[str, dict[str, Any]]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -322,6 +357,11 @@ class FitRetention:
             config = RetentionConfig(**{**vars(config), "max_length": getattr(trainer.datamodule, "max_length", None)})
         return retention_record(model, tokenizer, config, base=base, prepared=self.prepared)
 
+    def _read_base(self, trainer: Any, pl_module: Any) -> dict[str, dict[str, Any]]:
+        tokenizer = getattr(pl_module, "tokenizer", None) or trainer.datamodule.tokenizer
+        max_length = self.config.max_length or getattr(trainer.datamodule, "max_length", None) or 2048
+        return read_base(self.config.base, self.prepared, tokenizer, max_length)
+
     def before(self, trainer: Any, pl_module: Any) -> None:
         from lightning.pytorch.utilities import rank_zero_info
 
@@ -340,7 +380,10 @@ class FitRetention:
                 rank_zero_info(f"Retention: {LABELS[name]} skipped: {source}")
         if all(isinstance(s, str) for s in self.prepared.values()):
             return
-        self.base = self._measure(trainer, pl_module, None)
+        if self.config.base is not None:
+            self.base = self._read_base(trainer, pl_module)
+        else:
+            self.base = self._measure(trainer, pl_module, None)
         if self.base is not None and trainer.is_global_zero and trainer.logger is not None:
             trainer.logger.log_metrics(metrics(self.base, "before"), step=trainer.global_step)
 

@@ -247,3 +247,16 @@ def test_target_vs_retention_plot(tmp_path):
     assert notes == ["random: left out (no general NLL Δ)", "noeval: left out (no exact match)"]
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert compare.target_vs_retention(rows, None, str(path), "t")[0] == "full: left out (no base-model exact match to compare with)"
+
+
+def test_later_runs_take_the_retention_base_of_a_finished_run(tmp_path):
+    assert compare.retention_base(str(tmp_path)) == [], "nothing finished: the run measures its base"
+    run = tmp_path / "runs" / "full" / "seed0" / "lightning_logs" / "version_0"
+    run.mkdir(parents=True)
+    record = {"general_nll": {"base": 2.0, "after": 1.9, "delta": -0.1, "tokens": 9, "path": "g"},
+              "other_nll": {"base": None, "after": 1.0, "delta": None, "tokens": 3, "path": "o"}}
+    (run / "retention.json").write_text(json.dumps(record))
+    assert compare.retention_base(str(tmp_path)) == [], "a measure without its base value is no base"
+    record["other_nll"] = {"skipped": "no file o", "path": "o"}
+    (run / "retention.json").write_text(json.dumps(record))
+    assert compare.retention_base(str(tmp_path)) == [f"--eval.retention.base={run / 'retention.json'}"]

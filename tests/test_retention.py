@@ -152,6 +152,28 @@ def test_fit_writes_retention_json_and_metrics(trained_run):
             assert f"retention/{name}{suffix}" in header
 
 
+def test_fit_takes_the_base_values_of_an_earlier_run(trained_run, tmp_path):
+    root, general, other, _ = trained_run
+    earlier = json.loads((root / "lightning_logs" / "version_0" / "retention.json").read_text())
+    shifted = {name: dict(entry, base=entry["base"] + 1.0) for name, entry in earlier.items()}  # not what a pass gives
+    (tmp_path / "base.json").write_text(json.dumps(shifted))
+    common = ("fit", "--config", "configs/tiny.yaml", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+              "--model.lr=0.03", "--data.synthetic.num_train=32", "--model.export=false", "--eval.retention.enabled=true",
+              f"--eval.retention.general_path={general}", f"--eval.retention.other_path={other}")
+    out = cli(*common, f"--trainer.default_root_dir={tmp_path}/run", f"--eval.retention.base={tmp_path}/base.json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads(next((tmp_path / "run").rglob("retention.json")).read_text())
+    for name, entry in record.items():
+        assert entry["base"] == shifted[name]["base"] and entry["tokens"] == earlier[name]["tokens"]
+        assert entry["delta"] == pytest.approx(entry["after"] - entry["base"])
+    other_data = dict(shifted, general_nll=dict(shifted["general_nll"], tokens=shifted["general_nll"]["tokens"] + 1))
+    (tmp_path / "other.json").write_text(json.dumps(other_data))
+    out = cli(*common, f"--trainer.default_root_dir={tmp_path}/bad", f"--eval.retention.base={tmp_path}/other.json")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"eval.retention.base={tmp_path}/other.json: general_nll was measured on {general}" in out.stderr
+    assert "not the same data" in out.stderr and not list((tmp_path / "bad").rglob("retention.json"))
+
+
 def test_fit_without_the_data_skips_with_a_reason(tmp_path):
     out = cli("fit", "--config", "configs/tiny.yaml", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1",
               "--trainer.limit_val_batches=0", "--data.synthetic.num_train=8", "--model.export=false",

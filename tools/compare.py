@@ -265,6 +265,23 @@ def read_retention(run_dir: str) -> dict[str, float | None]:
     return out
 
 
+def retention_base(out: str) -> list[str]:
+    """``--eval.retention.base=<file>`` from a finished run of this comparison whose ``retention.json`` holds the base
+    model's values of every measure it took (each run of a comparison starts from the same base model and measures
+    the same data; ``fit`` checks both), so that only the first run pays for the base pass; ``[]`` when none has."""
+    for path in sorted(glob.glob(os.path.join(out, "reference", "**", "retention.json"), recursive=True)
+                       + glob.glob(os.path.join(out, "runs", "*", "*", "**", "retention.json"), recursive=True)):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            continue
+        taken = [m for m in record.values() if isinstance(m, dict) and "skipped" not in m] if isinstance(record, dict) else []
+        if taken and all(_finite(m.get("base")) for m in taken):
+            return [f"--eval.retention.base={path}"]
+    return []
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -295,7 +312,7 @@ def train_reference(args, base: list[str], ref_dir: str, out: str, tail: list[st
     with open(cfg_path, "w") as f:
         yaml.safe_dump(with_logging({}, 0, ref_dir, None, args.log_samples_every), f, sort_keys=False)
     cmd = base + ["--trainer.callbacks=[]", "--config", cfg_path, "--seed_everything=0", f"--trainer.default_root_dir={ref_dir}",
-                  "--eval.before=false"] + tail + shlex.split(args.reference_args)
+                  "--eval.before=false"] + tail + shlex.split(args.reference_args) + retention_base(out)
     run(cmd, ref_dir, args.dry_run)
     if not args.dry_run:
         json.dump({"command": portable(cmd), "summary": summarise(read_metrics(ref_dir))}, open(os.path.join(ref_dir, "done.json"), "w"))
@@ -379,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"--trainer.default_root_dir={run_dir}", f"--eval.before={'true' if first else 'false'}"] + no_ckpt + steps + extra
             cmd += [f"--data.synthetic.clean_copies={clean}"] if method == FULL_CLEAN else []
             cmd += [f"--data.seed={seed}"] if order_seed is not None else []
+            cmd += [] if args.dry_run else retention_base(out)
             run(cmd, run_dir, args.dry_run)
             first = False
             if args.dry_run:
