@@ -4,17 +4,26 @@
 # worktree of a commit (git worktree add ../wt-regime <commit>) and copy the run records back (no weights).
 set -e
 cd "$(dirname "$0")/../.."
-SYN="--model.lr=1e-4 --trainer.max_steps=-1 --trainer.max_epochs=1 --data.synthetic.num_train=1600 --data.synthetic.noise=0.4 --data.synthetic.label_noise=0.2 --trainer.val_check_interval=25"
+PAPER="--model.lr=1e-4 --trainer.max_steps=-1 --trainer.max_epochs=1 --trainer.val_check_interval=25"
+NOISE="--data.synthetic.noise=0.4 --data.synthetic.label_noise=0.2"
 ALL="full sstoken_release sstoken random rho1 tokencleaning qtuning"
-# 1. the built-in task, seed 0 first (every method), in the order of the questions asked
-for methods in "full sstoken_release" "sstoken random" "rho1" "tokencleaning qtuning"; do
-  python tools/compare.py --config configs/quickstart.yaml --methods $methods --seeds 0 --data-order-seeds \
-    --out experiments/regime_paper/synthetic --extra "$SYN"
-done
-# 2. seeds 1 and 2, which also change the data order
-python tools/compare.py --config configs/quickstart.yaml --methods $ALL --seeds 0 1 2 --data-order-seeds \
-  --out experiments/regime_paper/synthetic --extra "$SYN"
-# 3. GSM8K train in the same regime (one epoch of 1600 problems = 200 steps), one seed
+paper() {  # the paper's regime on the built-in task (one epoch of 1600 problems = 200 steps), seeds that reorder
+  python tools/compare.py --config configs/quickstart.yaml --data-order-seeds --out experiments/regime_paper/synthetic \
+    --extra "$PAPER --data.synthetic.num_train=1600 $NOISE" "$@"
+}
+# 1. seed 0 of the methods without a reference
+paper --methods full sstoken_release --seeds 0
+paper --methods sstoken random --seeds 0
+# 2. today's regime (30 steps at lr 1e-3, the config's data order) again, now with retention: seed 0 of each method
+#    reproduces experiments/synthetic's seed 0 (the runs are seeded) and adds the retention measures
+python tools/compare.py --config configs/quickstart.yaml --methods $ALL --seeds 0 \
+  --out experiments/regime_30step/synthetic --extra "$NOISE --trainer.val_check_interval=10"
+# 3. seed 0 of the reference-based methods (the reference, its full+clean row) and Q-Tuning
+paper --methods rho1 --seeds 0
+paper --methods tokencleaning qtuning --seeds 0
+# 4. seeds 1 and 2
+paper --methods $ALL --seeds 0 1 2
+# 5. GSM8K train in the same regime (one epoch of 1600 problems = 200 steps), one seed
 python tools/compare.py --config configs/gsm8k.yaml --methods $ALL --seeds 0 --data-order-seeds \
   --out experiments/regime_paper/gsm8k --reference-args "--data.max_samples=256 --eval.num_problems=0" \
-  --extra "--model.lr=1e-4 --trainer.max_steps=-1 --trainer.max_epochs=1 --data.max_samples=1600 --trainer.val_check_interval=25"
+  --extra "$PAPER --data.max_samples=1600"
