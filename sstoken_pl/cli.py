@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -58,7 +59,12 @@ class SSTokenCLI(LightningCLI):
                     f"composed with a config that already has one (configs/quickstart.yaml includes ssToken's "
                     f"callbacks; use --trainer.callbacks=[] before the method config to replace them)"
                 )
-        trainer = super().instantiate_trainer(**kwargs)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as err:  # a Trainer setting this machine cannot honour: the user's input
+            raise ConfigError(f"trainer: {_misconfiguration(err, self._get(self.config_init, 'trainer', default={}))}") from None
         if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
             trainer.callbacks.append(ExactResume())  # last: it restores the generators after every other start hook
         use_atomic_checkpoints(trainer)
@@ -197,6 +203,16 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _misconfiguration(err: Exception, trainer: Any) -> str:
+    """Lightning's refusal of a Trainer setting, with the setting and what to do where Lightning's message lacks it."""
+    message = str(err).strip()
+    accelerator = str((trainer or {}).get("accelerator") or "")
+    if "No supported gpu backend found" in message or (accelerator in ("gpu", "cuda") and "not available" in message):
+        return (f"accelerator={accelerator}: no GPU is visible on this machine (torch.cuda.is_available() is False); "
+                f"use --trainer.accelerator=cpu (or auto)")
+    return message
 
 
 def _user_error(err: BaseException) -> SSTokenError | None:

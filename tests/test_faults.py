@@ -29,6 +29,17 @@ def test_bad_settings_are_one_line(tmp_path, args, message):
     assert "Traceback" not in out.stderr and last.startswith("error: ") and message in last, last
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_a_gpu_accelerator_without_a_gpu_is_one_line(tmp_path, accelerator):
+    out = cli(*TINY, f"--trainer.default_root_dir={tmp_path}", f"--trainer.accelerator={accelerator}")
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr and last == (
+        f"error: trainer: accelerator={accelerator}: no GPU is visible on this machine (torch.cuda.is_available() is "
+        "False); use --trainer.accelerator=cpu (or auto)")
+
+
 def test_a_non_finite_loss_skips_the_batch(tiny_llama, monkeypatch):
     import sstoken_pl.module as module_mod
     from sstoken_pl.module import SFTModule
