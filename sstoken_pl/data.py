@@ -583,6 +583,11 @@ class SFTDataModule(pl.LightningDataModule):
             )
         return dataset.select(kept, keep_in_memory=True).remove_columns("n_response")
 
+    def prepare_data(self) -> None:
+        """Reads the data here already: Lightning calls this before its loggers make the run's folder, so that a data
+        error leaves no empty ``version_N`` behind (``setup`` is then a no-op on this process)."""
+        self.setup()
+
     def setup(self, stage: Optional[str] = None) -> None:
         """Resolves the tokenizer, reads and tokenises the data (once)."""
         if self.train_dataset is not None:

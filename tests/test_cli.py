@@ -70,18 +70,19 @@ def test_print_config_composes_method_callbacks():
         (["--config", "configs/methods/sstoken.yaml", "--config", "configs/methods/sstoken_ema.yaml"], "more than one"),
     ],
 )
-def test_bad_input_is_one_clear_error(args, expected):
-    out = cli("fit", "--config", "configs/tiny.yaml", *args, "--trainer.max_steps=1")
+def test_bad_input_is_one_clear_error(args, expected, tmp_path):
+    out = cli("fit", "--config", "configs/tiny.yaml", *args, "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}")
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert expected in out.stderr
+    assert not list(tmp_path.rglob("events.out.tfevents*")), "no run folder for a run that never started"
 
 
 @pytest.mark.parametrize("args, key", [(["--model.schedule=fast"], "model.schedule"),
                                        (["--model.fused_cross_entropy=fast"], "model.fused_cross_entropy")])
-def test_a_value_the_parser_refuses_is_a_short_error(args, key):
+def test_a_value_the_parser_refuses_is_a_short_error(args, key, tmp_path):
     # not the usage of every option (hundreds of lines): one usage line, the --help hint, the error naming the key
-    out = cli("fit", "--config", "configs/tiny.yaml", *args)
+    out = cli("fit", "--config", "configs/tiny.yaml", *args, f"--trainer.default_root_dir={tmp_path}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert lines[0] == "usage: python -m sstoken_pl fit [-c CONFIG] [--KEY VALUE ...]", lines[:3]
@@ -92,9 +93,11 @@ def test_a_value_the_parser_refuses_is_a_short_error(args, key):
 def test_malformed_data_file_names_file_and_line(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n{not json\n")
-    out = cli("fit", "--config", "configs/tiny.yaml", f"--data.path={data}", "--trainer.max_steps=1")
+    out = cli("fit", "--config", "configs/tiny.yaml", f"--data.path={data}", "--trainer.max_steps=1",
+              f"--trainer.default_root_dir={tmp_path}/run")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"{data} line 2" in out.stderr
+    assert not (tmp_path / "run").exists(), "a data error leaves no empty lightning_logs/version_N"
 
 
 def test_ddp_two_cpu_processes(tmp_path):
