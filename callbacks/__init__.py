@@ -17,13 +17,19 @@ Resuming and interruptions (any Lightning project; the CLI adds both):
 
 - ``ExactResume``: the random generators' states in checkpoints, restored on resume.
 - ``SaveOnInterrupt``: SIGTERM / Ctrl-C → a resumable checkpoint at the end of the optimizer step, then stop.
+
+Display (the CLI's default bar):
+
+- ``StepProgressBar``: Rich's bar with ``step: N/max_steps``, no ``Epoch 0/-2``, no ``v_num``.
 """
 
 from sstoken_pl.callbacks.attention import AttentionScore
 from sstoken_pl.callbacks.history import HistoryModel
+from sstoken_pl.callbacks.progress import StepProgressBar
 from sstoken_pl.callbacks.reference import ReferenceModel
 from sstoken_pl.callbacks.resume import ExactResume, SaveOnInterrupt
 from sstoken_pl.callbacks.selection import TokenSelection
 from sstoken_pl.callbacks.sequence_entropy import SequenceEntropy
 
-__all__ = ["AttentionScore", "ExactResume", "HistoryModel", "ReferenceModel", "SaveOnInterrupt", "SequenceEntropy", "TokenSelection"]
+__all__ = ["AttentionScore", "ExactResume", "HistoryModel", "ReferenceModel", "SaveOnInterrupt", "SequenceEntropy", "StepProgressBar",
+           "TokenSelection"]

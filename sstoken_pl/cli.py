@@ -70,6 +70,17 @@ class SSTokenCLI(LightningCLI):
         use_atomic_checkpoints(trainer)
         return trainer
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Any:
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from sstoken_pl.callbacks import StepProgressBar
+
+        named = config.get("callbacks") or []
+        given = [*callbacks, *(named if isinstance(named, list) else [named])]
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, StepProgressBar()]  # Lightning's default bar, unless the config names one
+        return super()._instantiate_trainer(config, callbacks)
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyper-parameters while parsing: check the file before it does
         if not self.config.get("subcommand"):

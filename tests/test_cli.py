@@ -108,3 +108,24 @@ def test_ddp_two_cpu_processes(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "lightning_logs" / "version_0" / "hf_model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("extra, bar", [([], "StepProgressBar"), (["--trainer.enable_progress_bar=false"], None),
+                                        (["--trainer.callbacks+=TQDMProgressBar"], "TQDMProgressBar")])
+def test_the_default_progress_bar_counts_steps(tmp_path, extra, bar):
+    from sstoken_pl.cli import SSTokenCLI
+    from sstoken_pl.data import SFTDataModule
+    from sstoken_pl.module import SFTModule
+
+    cli = SSTokenCLI(SFTModule, SFTDataModule, run=False, save_config_callback=None, args=[
+        "--config", os.path.join(ROOT, "configs/tiny.yaml"), "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+        "--model.export=false",
+        f"--trainer.default_root_dir={tmp_path}", "--data.synthetic.num_train=16", *extra])
+    trainer = cli.trainer
+    assert (type(trainer.progress_bar_callback).__name__ if trainer.progress_bar_callback else None) == bar
+    if bar != "StepProgressBar":
+        return
+    trainer.fit(cli.model, cli.datamodule)
+    shown = trainer.progress_bar_callback.get_metrics(trainer, cli.model)
+    assert shown["step"] == "2/2" and "v_num" not in shown and "train/loss" in shown
+    assert trainer.progress_bar_callback._get_train_description(0).strip() == "Epoch 0", "not Epoch 0/-2"
