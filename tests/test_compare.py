@@ -260,3 +260,42 @@ def test_later_runs_take_the_retention_base_of_a_finished_run(tmp_path):
     record["other_nll"] = {"skipped": "no file o", "path": "o"}
     (run / "retention.json").write_text(json.dumps(record))
     assert compare.retention_base(str(tmp_path)) == [f"--eval.retention.base={run / 'retention.json'}"]
+
+
+def test_a_budget_below_the_sample_interval_still_logs_samples(tmp_path):
+    out = tool("compare.py", "--config", "configs/tiny.yaml", "--methods", "random", "--seeds", "0", "--out", str(tmp_path),
+               "--max-steps", "3", "--dry-run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--log-samples-every 10 is beyond --max-steps 3: logging selection samples every 3 steps" in out.stdout
+    config = yaml.safe_load((tmp_path / "configs" / "random_seed0.yaml").read_text())
+    assert [cb["init_args"]["log_samples_every"] for cb in config["trainer"]["callbacks+"]
+            if cb["class_path"].endswith("TokenSelection")] == [3]
+
+
+def test_one_logged_step_is_drawn_as_bars(tmp_path, monkeypatch):
+    import compare_report
+
+    drawn = []
+    monkeypatch.setattr(compare_report, "_final_loss_bars", lambda ax, results, colors: drawn.append(sorted(results)))
+    one = {"val_curve": [(3, 2.0)]}
+    compare_report.plot({"full": {0: one}, "random": {0: {"val_curve": [(3, 2.2)]}}}, str(tmp_path / "a.png"), "t")
+    assert drawn == [["full", "random"]] and (tmp_path / "a.png").is_file()
+    compare_report.plot({"full": {0: {"val_curve": [(3, 2.0), (6, 1.5)]}}}, str(tmp_path / "b.png"), "t")
+    assert len(drawn) == 1, "a curve of two points stays a line"
+
+
+def test_the_header_says_when_the_base_model_was_not_evaluated(tmp_path):
+    from types import SimpleNamespace
+
+    import compare_report
+
+    run = dict(kept_fraction=None, noise_dropped=None, clean_kept=None, train_loss=1.0, val_loss=2.0, val_curve=[(4, 2.0)],
+               accuracy_before=None, accuracy_after=0.5, step_time=1.0, general_delta=None, other_delta=None)
+    args = SimpleNamespace(seeds=[0], methods=["full"], data_order_seeds=False, extra="", max_steps=4, reference_args="",
+                           html_samples=2)
+    compare_report.write_report(args, str(tmp_path), "configs/tiny.yaml", "python tools/compare.py", {"full": {0: run}}, {})
+    text = (tmp_path / "results.md").read_text()
+    assert "exact match of the base model before training: not measured" in text and "—%" not in text
+    compare_report.write_report(args, str(tmp_path), "configs/tiny.yaml", "python tools/compare.py",
+                                {"full": {0: dict(run, accuracy_before=0.125)}}, {})
+    assert "exact match of the base model before training: 12.5%" in (tmp_path / "results.md").read_text()

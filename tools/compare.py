@@ -351,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     base = [sys.executable, "-m", "sstoken_pl", "fit", "--config", config, "--eval.retention.enabled=true"]
     no_ckpt = [] if args.keep_checkpoints else ["--trainer.enable_checkpointing=false"]
     steps = [f"--trainer.max_steps={args.max_steps}"] if args.max_steps else []
+    if args.max_steps and 0 < args.max_steps < args.log_samples_every:  # else samples.html would hold no sample
+        print(f"note: --log-samples-every {args.log_samples_every} is beyond --max-steps {args.max_steps}: "
+              f"logging selection samples every {args.max_steps} steps instead")
+        args.log_samples_every = args.max_steps
     extra = shlex.split(args.extra)
     uses_reference = any(needs_reference(f) for m, f in files.items() if m != FULL_CLEAN)
     clean, why_not = clean_subset(config, extra, shlex.split(args.reference_args))

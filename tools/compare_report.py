@@ -89,6 +89,25 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _final_loss_bars(ax: Any, results: dict[str, dict[int, dict]], colors: Any) -> None:
+    """The held-out loss of each method as a bar (mean over seeds, whiskers: min–max), for runs that logged it once."""
+    names, means, lows, highs = [], [], [], []
+    for method, seeds in results.items():
+        values = [r["val_curve"][-1][1] for r in seeds.values() if r["val_curve"]]
+        if values:
+            names.append(method)
+            means.append(statistics.fmean(values))
+            lows.append(means[-1] - min(values))
+            highs.append(max(values) - means[-1])
+    ax.bar(range(len(names)), means, yerr=[lows, highs], capsize=4, color=[colors[i % len(colors)] for i in range(len(names))])
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("held-out loss (all response tokens), the one logged value")
+    ax.grid(alpha=0.3, axis="y")
+    if not names:
+        ax.text(0.5, 0.5, "no held-out loss was logged (trainer.val_check_interval beyond the run's steps?)",
+                ha="center", va="center", transform=ax.transAxes)
+
+
 def plot(results: dict[str, dict[int, dict]], path: str, title: str) -> None:
     import matplotlib
 
@@ -98,6 +117,13 @@ def plot(results: dict[str, dict[int, dict]], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(9.5, 5))
     colors = plt.get_cmap("tab20").colors if len(results) > 10 else plt.get_cmap("tab10").colors
     styles = ["-", "--", "-.", ":"]
+    if max((len(r["val_curve"]) for seeds in results.values() for r in seeds.values()), default=0) <= 1:
+        _final_loss_bars(ax, results, colors)  # one logged step: a line of one point is a dot on an empty axis
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     for i, (method, seeds) in enumerate(results.items()):
         curves = [dict(r["val_curve"]) for r in seeds.values() if r["val_curve"]]
         if not curves:
@@ -109,7 +135,7 @@ def plot(results: dict[str, dict[int, dict]], path: str, title: str) -> None:
                 color=color, label=method)
         if len(curves) > 1:
             ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color=color)
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("optimizer steps done")
     ax.set_ylabel("held-out loss (all response tokens)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -255,7 +281,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; color
     if not picked:
         parts.append("<p>No run logged selection samples (selection_samples.jsonl): nothing to show.</p>")
     for step, index in picked:
-        parts.append(f"<div class='sample'><div><b>training sample {index}</b>, step {step}</div>")
+        parts.append(f"<div class='sample'><div><b>training sample {index}</b>, in optimizer step {step} (of the plot's steps done)</div>")
         base = next(s for m in methods for s in per_method.get(m, []) if (s["step"], s["index"]) == (step, index))
         for method in methods:
             line = next((s for s in per_method.get(method, []) if (s["step"], s["index"]) == (step, index)), None)
@@ -285,7 +311,8 @@ def write_report(args: Any, out: str, config: str, command: str, results: dict[s
         "",
         *([f"- **partial report**: {finished} of {expected} runs finished"] if finished < expected else []),
         f"- seeds: {' '.join(map(str, args.seeds))} ({order}); extra arguments: `{args.extra or '—'}`; max steps: {args.max_steps or 'from the config'}",
-        f"- answer exact match of the base model before training: {_fmt(before and 100 * before, '.1f')}%",
+        (f"- answer exact match of the base model before training: {_fmt(100 * before, '.1f')}%" if before is not None else
+         "- answer exact match of the base model before training: not measured (no finished run evaluated it)"),
         *([f"- `{REFERENCE_ROW}`: the reference model (one run, seed 0, `{args.reference_args}`; a `data.max_samples` there "
            f"also limits its held-out records); `{FULL_CLEAN}`: full SFT on the noisy data with that clean subset mixed in"] if REFERENCE_ROW in results or FULL_CLEAN in results else []),
         "- general / other-domain NLL Δ: after − base on the retention texts (positive: forgot), from each run's `retention.json`",
