@@ -75,6 +75,7 @@ class SSTokenCLI(LightningCLI):
 
         from sstoken_pl.callbacks import StepProgressBar
 
+        _continue_in_run_folder(config, self._get(self.config_init, "ckpt_path"))
         named = config.get("callbacks") or []
         given = [*callbacks, *(named if isinstance(named, list) else [named])]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
@@ -214,6 +215,34 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+def _continue_in_run_folder(config: dict, ckpt_path: Any) -> None:
+    """A resume (``fit --ckpt_path``) or a ``validate``/``test`` of a checkpoint of a run's own folder,
+    ``<root>/<name>/version_N/checkpoints/*.ckpt``, logs to that run's ``version_N`` (and, for ``fit``, keeps saving
+    checkpoints there) instead of starting ``version_N+1``: what a user expects, and Lightning then has no
+    "dirpath has changed" to warn about. Only the default logger (``trainer.logger: true``) and a TensorBoard or CSV
+    logger with no version of its own, saving under the same root, are pointed there."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if not isinstance(ckpt_path, str) or not os.path.isfile(ckpt_path):
+        return
+    folder = os.path.dirname(os.path.abspath(ckpt_path))
+    version_dir = os.path.dirname(folder)
+    version = os.path.basename(version_dir)
+    if os.path.basename(folder) != "checkpoints" or not version.startswith("version_") or not version[8:].isdigit():
+        return
+    name_dir = os.path.dirname(version_dir)
+    root, name = os.path.dirname(name_dir), os.path.basename(name_dir)
+    logger = config.get("logger", True)
+    if logger is True or logger is None:
+        if os.path.abspath(config.get("default_root_dir") or os.getcwd()) == root and name == "lightning_logs":
+            config["logger"] = TensorBoardLogger(save_dir=root, version=int(version[8:]))
+        return
+    for one in logger if isinstance(logger, list) else [logger]:
+        if (isinstance(one, (TensorBoardLogger, CSVLogger)) and one._version is None and one.name == name
+                and os.path.abspath(one.save_dir) == root):
+            one._version = int(version[8:])
 
 
 def _misconfiguration(err: Exception, trainer: Any) -> str:

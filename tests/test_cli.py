@@ -49,9 +49,17 @@ def test_resume_from_checkpoint(tmp_path):
     ckpt = next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
     second = cli("fit", *common, "--trainer.max_steps=4", f"--ckpt_path={ckpt}")
     assert second.returncode == 0, second.stderr[-3000:]
-    state = torch.load(next((tmp_path / "lightning_logs" / "version_1" / "checkpoints").glob("*.ckpt")), weights_only=False)
+    # the resume continues in the run's own folder: no version_1, no "dirpath has changed" warning
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    assert "dirpath has changed" not in second.stderr + second.stdout
+    state = torch.load(next((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*step=4.ckpt")), weights_only=False)
     history = next(v for k, v in state["callbacks"].items() if "HistoryModel" in k)
     assert state["global_step"] == 4 and history["last_step"] == 4
+    events = list((tmp_path / "lightning_logs" / "version_0").glob("events.out.tfevents*"))
+    assert len(events) == 2, "the resumed run's logs are beside the first part's"
+    checked = cli("validate", *common[:4], f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={ckpt}")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"], "validate: the run's folder"
 
 
 def test_print_config_composes_method_callbacks():
