@@ -482,10 +482,19 @@ class SFTDataModule(pl.LightningDataModule):
         if not records:
             raise DataError(f"the {role} data is empty (no records)")
         fmt = self.format if self.format != "auto" else detect_format(records[0][1], records[0][0])
-        samples = []
+        samples, user_last, empty = [], [], []
         for index, (where, record) in enumerate(records):
             messages, answer = normalise(record, fmt, where, self.system_prompt, self.strip_calculator_annotations)
             samples.append({"messages": messages, "answer": answer, "index": index, "where": where})
+            if messages[-1]["role"] == "user":
+                user_last.append(where)
+            if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
+                empty.append(where)
+        for found, what in ((user_last, "end with a user turn, which no answer follows (trained on the earlier "
+                                        "answers only; the last turn is context for nothing)"),
+                            (empty, "have an empty response (only the end-of-turn token is trained on)")):
+            if found:
+                rank_zero_warn(f"data: {len(found)} of {len(records)} {role} records {what}; the first: {found[0]}")
         return samples
 
     def _load_samples(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

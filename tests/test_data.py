@@ -357,6 +357,27 @@ def test_wrong_type_names_record_and_field(tmp_path, byte_tok):
         module(path, byte_tok)
 
 
+def test_records_that_train_on_nothing_useful_are_counted_in_one_warning(tmp_path, byte_tok):
+    ask = {"role": "user", "content": "2 + 2?"}
+    records = [{"messages": [ask, {"role": "assistant", "content": "4"}]},
+               {"messages": [ask, {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3 + 3?"}]},
+               {"messages": [ask, {"role": "assistant", "content": "4"}, {"role": "user", "content": "Thanks"}]}]
+    with pytest.warns(UserWarning) as warned:
+        module(write_jsonl(tmp_path / "user_last.jsonl", records), byte_tok)
+    mine = [str(w.message) for w in warned if str(w.message).startswith("data: ")]
+    assert len(mine) == 1 and "2 of 3 training" in mine[0] and "end with a user turn" in mine[0]
+    assert mine[0].endswith("user_last.jsonl line 2"), mine[0]
+    with pytest.warns(UserWarning) as warned:
+        module(write_jsonl(tmp_path / "empty.jsonl", [{"prompt": f"q{i}", "completion": ""} for i in range(4)]), byte_tok)
+    mine = [str(w.message) for w in warned if str(w.message).startswith("data: ")]
+    assert len(mine) == 1 and "4 of 4 training" in mine[0] and "have an empty response" in mine[0]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a clean file: no such warning
+        module(write_jsonl(tmp_path / "fine.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(4)]), byte_tok)
+
+
 def test_empty_file(tmp_path, byte_tok):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
