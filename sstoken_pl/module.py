@@ -115,7 +115,12 @@ class SFTModule(pl.LightningModule):
         self.token_step = StepTokenMean()
         self.skipped_nonfinite = 0
         if (model_name_or_path is None) == (model_config is None):
-            raise ConfigError("model: give exactly one of model_name_or_path and model_config")
+            both = model_name_or_path is not None
+            raise ConfigError(
+                "model: give exactly one of model_name_or_path and model_config"
+                + (f" (model_name_or_path={model_name_or_path!r} was given over a config that sets model_config, such "
+                   f"as configs/tiny.yaml: add --model.model_config=null)" if both else "")
+            )
         if not (0.0 <= warmup_ratio < 1.0):
             raise ConfigError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio!r}")
         if lr <= 0:

