@@ -173,6 +173,12 @@ def test_data_order_seeds_shuffle_the_training_data_by_seed(tmp_path):
     assert first_batch(runs / "seed0-order0") != first_batch(runs / "seed1-order1")
     record = json.loads((runs / "seed1-order1" / "done.json").read_text())
     assert record["data_order_seed"] == 1 and record["command"].endswith("--data.seed=1")
+    first, second = ([json.loads(p.read_text()) for p in (runs / f).rglob("retention.json")] or [{}]
+                     for f in ("seed0-order0", "seed1-order1"))
+    first, second = first[0], second[0]
+    if any("skipped" not in m for m in first.values()):  # the retention data are here: measured once, then reused
+        assert "--eval.retention.base=" in record["command"]
+        assert all(second[k]["base"] == first[k]["base"] for k in first if "skipped" not in first[k])
     assert json.loads((tmp_path / "same" / "runs" / "random" / "seed1" / "done.json").read_text())["data_order_seed"] is None
     assert "each seed S also shuffles" in (tmp_path / "order" / "results.md").read_text()
     # a run of the other kind is never reused for this one: its record says which order it trained on

@@ -398,9 +398,9 @@ def main(argv: list[str] | None = None) -> None:
                 yaml.safe_dump(method_config(files[method], seed, run_dir, reference, args.log_samples_every), f, sort_keys=False)
             cmd = base + ["--trainer.callbacks=[]", "--config", cfg_path, f"--seed_everything={seed}",
                           f"--trainer.default_root_dir={run_dir}", f"--eval.before={'true' if first else 'false'}"] + no_ckpt + steps + extra
+            cmd += [] if args.dry_run else retention_base(out)
             cmd += [f"--data.synthetic.clean_copies={clean}"] if method == FULL_CLEAN else []
             cmd += [f"--data.seed={seed}"] if order_seed is not None else []
-            cmd += [] if args.dry_run else retention_base(out)
             run(cmd, run_dir, args.dry_run)
             first = False
             if args.dry_run:
