@@ -303,7 +303,9 @@ def lora_checkpoint(tmp_path_factory):
         (["--trainer.callbacks=[]"], "token selection was method 'sstoken', now plain SFT"),
     ],
 )
-def test_a_resume_that_does_not_fit_is_one_line(lora_checkpoint, tmp_path, capsys, args, message):
+def test_a_resume_that_does_not_fit_is_one_line(lora_checkpoint, tmp_path, capsys, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "reference").mkdir(parents=True)  # rho1.yaml's reference path: a folder that exists
     base = ["fit", "--config", CONFIG, "--config", os.path.join(METHODS, "sstoken_ema.yaml"), "--model.lora.r=4",
             "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--model.export=false", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
