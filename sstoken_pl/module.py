@@ -350,4 +350,16 @@ def export_hf(module: SFTModule, path: str) -> str:
     else:
         model.save_pretrained(path)
     module.tokenizer.save_pretrained(path)
+    _usual_modes(path)
     return path
+
+
+def _usual_modes(path: str) -> None:
+    """The weights file is written private (0600, through a temporary file) while its siblings follow the umask:
+    give every file of the export the umask's mode, so that whoever may read the config may read the weights."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(path):
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            os.chmod(file, 0o666 & ~umask)

@@ -168,3 +168,13 @@ def test_load_from_checkpoint_restores_the_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(restored(ids), module.eval()(ids))
     assert restored.lora == module.lora
+
+
+def test_the_export_is_readable_like_its_config(tmp_path):
+    from sstoken_pl.models import tiny_llama_config
+
+    module = SFTModule(model_config=tiny_llama_config(), tokenizer="byte", export=False)
+    module.configure_model()
+    path = export_hf(module, str(tmp_path / "hf"))
+    modes = {name: os.stat(os.path.join(path, name)).st_mode & 0o777 for name in os.listdir(path)}
+    assert "model.safetensors" in modes and len(set(modes.values())) == 1, modes  # safetensors alone writes 0600
