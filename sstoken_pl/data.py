@@ -147,11 +147,11 @@ def _split_of(file_name: str) -> str:
     return _SPLIT_NAMES.get(word.group(1), "train") if word else "train"
 
 
-def _read_hub(name: str) -> dict[str, list[Record]]:
+def _read_hub(name: str, config: Optional[str] = None) -> dict[str, list[Record]]:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(name)
+        loaded = datasets.load_dataset(name, config)
     except (OSError, ValueError) as err:
         raise DataError(
             f"data.path {name!r}: no such local file or directory, and it could not be loaded from the Hugging Face "
@@ -163,8 +163,9 @@ def _read_hub(name: str) -> dict[str, list[Record]]:
     }
 
 
-def load_splits(path: str) -> dict[str, list[Record]]:
-    """The records of a data source by split (``train``, ``validation``, ``test``); a single file is ``train``."""
+def load_splits(path: str, hub_config: Optional[str] = None) -> dict[str, list[Record]]:
+    """The records of a data source by split (``train``, ``validation``, ``test``); a single file is ``train``.
+    ``hub_config``: the configuration of a hub dataset (``openai/gsm8k`` has ``main`` and ``socratic``)."""
     path = os.path.expanduser(path)
     if os.path.isfile(path):
         return {"train": read_file(path)}
@@ -179,7 +180,7 @@ def load_splits(path: str) -> dict[str, list[Record]]:
         return splits
     if path.lower().endswith(DATA_EXTENSIONS) or path.startswith((".", "/", "~")):
         raise DataError(f"{path}: no such file or directory")
-    return _read_hub(path)
+    return _read_hub(path, hub_config)
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -391,6 +392,8 @@ class SFTDataModule(pl.LightningDataModule):
         system_prompt: a system message put first in every sample that has none.
         synthetic: the built-in task's settings (used when ``path`` is ``null``).
         strip_calculator_annotations: remove GSM8K calculator annotations (``<<48/2=24>>``) from the answers.
+        hub_config: the configuration of a hub dataset given as ``path`` (``datasets.load_dataset(path,
+            hub_config)``), e.g. ``main`` for ``openai/gsm8k``; also used for a hub ``val_path``.
     """
 
     def __init__(
@@ -409,6 +412,7 @@ class SFTDataModule(pl.LightningDataModule):
         system_prompt: Optional[str] = None,
         synthetic: SyntheticTask = SyntheticTask(),
         strip_calculator_annotations: bool = True,
+        hub_config: Optional[str] = None,
     ) -> None:
         super().__init__()
         if format not in ("auto", *FORMAT_FIELDS):
@@ -439,6 +443,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.system_prompt = system_prompt
         self.synthetic = SyntheticTask(**synthetic) if isinstance(synthetic, dict) else synthetic
         self.strip_calculator_annotations = strip_calculator_annotations
+        self.hub_config = hub_config
         self.tokenizer: Any = None
         self.train_samples: list[dict[str, Any]] = []
         self.val_samples: list[dict[str, Any]] = []
@@ -514,12 +519,12 @@ class SFTDataModule(pl.LightningDataModule):
                 ][: self.max_samples]
 
             return synthetic("train"), synthetic("val")
-        splits = load_splits(self.path)
+        splits = load_splits(self.path, self.hub_config)
         if "train" not in splits:
             raise DataError(f"{self.path}: no training data (only the splits {sorted(splits)})")
         train = self._samples(splits["train"], f"training ({self.path})")
         if self.val_path is not None:
-            val_splits = load_splits(self.val_path)
+            val_splits = load_splits(self.val_path, self.hub_config)
             records = next(val_splits[s] for s in ("validation", "test", "train") if s in val_splits)
             return train, self._samples(records, f"validation ({self.val_path})")
         for split in ("validation", "test"):
@@ -718,7 +723,7 @@ class SFTDataModule(pl.LightningDataModule):
         else:
             if self.path is None:
                 raise DataError("the built-in synthetic task has no test split; use split 'validation'")
-            splits = load_splits(self.path)
+            splits = load_splits(self.path, self.hub_config)
             if "test" not in splits:
                 raise DataError(f"{self.path}: no test split (only {sorted(splits)}); name a file test*.jsonl")
             samples = self._samples(splits["test"], f"test ({self.path})")

@@ -410,6 +410,25 @@ def test_missing_local_file_and_unreachable_hub(tmp_path, byte_tok, monkeypatch)
         module("someone/no-such-dataset", byte_tok)
 
 
+def test_a_hub_dataset_with_a_configuration(byte_tok, monkeypatch):
+    """openai/gsm8k needs its configuration (main): data.hub_config reaches datasets.load_dataset (no hub here: the
+    loader is replaced by one that records its arguments and returns GSM8K-shaped splits)."""
+    import datasets
+
+    calls = []
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(6)]
+
+    def load_dataset(name, config=None):
+        calls.append((name, config))
+        return {"train": rows, "test": rows[:2]}
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    dm = module("openai/gsm8k", byte_tok, hub_config="main", format="gsm8k")
+    assert calls == [("openai/gsm8k", "main")]
+    assert len(dm.train_samples) == 6 and dm.train_samples[0]["where"] == "openai/gsm8k[train] row 1"
+    assert dm.val_samples[0]["answer"] == "1" and "<<" not in dm.train_samples[0]["messages"][-1]["content"]
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="data.val_size"):
         SFTDataModule(val_size=1.0)
