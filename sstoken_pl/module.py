@@ -114,6 +114,8 @@ class SFTModule(pl.LightningModule):
         self.fused_cross_entropy = check_fused_cross_entropy(fused_cross_entropy, "model.fused_cross_entropy")
         self.token_step = StepTokenMean()
         self.skipped_nonfinite = 0
+        self._uniform_from: Optional[int] = None
+        self._uniform_streak = 0  # micro-batches in a row whose loss sits at ln(vocab) (the model predicts uniformly)
         if (model_name_or_path is None) == (model_config is None):
             both = model_name_or_path is not None
             raise ConfigError(
@@ -217,7 +219,30 @@ class SFTModule(pl.LightningModule):
             self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), batch_size=batch["input_ids"].shape[0])
             return None
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self._check_uniform(float(loss.detach()))  # no extra sync: the finite check above already waited for it
         return loss
+
+    UNIFORM_STREAK = 20
+
+    def _check_uniform(self, loss: float) -> None:
+        """One warning when, past the warm-up, the loss has stayed at ≥ 95% of ln(vocab) for ``UNIFORM_STREAK``
+        micro-batches: the model predicts (close to) uniformly, typically a learning rate that diverged it."""
+        if self._uniform_streak < 0:
+            return
+        if self._uniform_from is None:  # once: the step after the warm-up
+            self._uniform_from = math.ceil(self.hparams.warmup_ratio * max(self.trainer.estimated_stepping_batches, 1))
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        if not vocab or self.trainer.global_step < self._uniform_from:
+            return
+        self._uniform_streak = self._uniform_streak + 1 if loss >= 0.95 * math.log(vocab) else 0
+        if self._uniform_streak >= self.UNIFORM_STREAK:
+            self._uniform_streak = -1  # once per fit
+            rank_zero_warn(
+                f"train: the loss has stayed at ln(vocab_size={vocab}) = {math.log(vocab):.2f} for "
+                f"{self.UNIFORM_STREAK} micro-batches (now {loss:.2f}, step {self.trainer.global_step}): the model "
+                f"predicts about uniformly and learns nothing useful; a learning rate too high (model.lr="
+                f"{self.hparams.lr:g}) diverges it this way"
+            )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.token_step.finish(self.trainer, optimizer)  # plain SFT's step-wide token mean (loss_normalization)

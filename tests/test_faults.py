@@ -82,6 +82,34 @@ def test_a_non_finite_loss_skips_the_batch(tiny_llama, monkeypatch):
     assert all(torch.isfinite(p).all() for p in module.model.parameters()), "the NaN never reached the weights"
 
 
+@pytest.mark.parametrize("at_uniform", [True, False])
+def test_a_loss_stuck_at_ln_vocab_is_one_warning(monkeypatch, at_uniform):
+    import math
+    import warnings
+
+    import sstoken_pl.module as module_mod
+    from sstoken_pl.models import tiny_llama_config
+    from sstoken_pl.module import SFTModule
+    from tests.helpers import loader, random_batches, trainer
+
+    module = SFTModule(model_config=tiny_llama_config(), tokenizer="byte", lr=1e-2, export=False, warmup_ratio=0.0)
+    real = module_mod.token_loss
+    level = math.log(tiny_llama_config()["vocab_size"]) * (1.0 if at_uniform else 0.5)
+
+    def stuck(pl_module, batch, logits):  # the real loss's graph, its value moved to the level under test
+        loss = real(pl_module, batch, logits)
+        return loss - loss.detach() + level
+
+    monkeypatch.setattr(module_mod, "token_loss", stuck)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=SFTModule.UNIFORM_STREAK + 5).fit(module, train_dataloaders=loader(random_batches(4)))
+    mine = [str(w.message) for w in caught if "ln(vocab_size=" in str(w.message)]
+    assert len(mine) == (1 if at_uniform else 0), mine
+    if at_uniform:
+        assert "learns nothing useful" in mine[0] and "model.lr=0.01" in mine[0]
+
+
 def test_a_checkpoint_of_other_weights_is_one_line(tmp_path, capsys):
     """Same settings, other parameter shapes (a model folder replaced since): one line, not torch's mismatch list."""
     from sstoken_pl.cli import main
