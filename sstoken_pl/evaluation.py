@@ -139,13 +139,21 @@ class AnswerAccuracy(Callback):
         model = pl_module.model
         was_training = model.training
         model.eval()
+        bar = None
+        if trainer.is_global_zero and trainer.progress_bar_callback is not None:  # the console shows progress
+            from tqdm import tqdm
+
+            when = "after" if trainer.global_step else "before"
+            bar = tqdm(total=len(problems), desc=f"Generating answers ({when} training)", unit="problem", leave=False)
         try:
             texts = generate_answers(
                 model, tokenizer, [p["prompt_ids"] for p in problems], self.max_new_tokens, self.batch_size,
-                synced=sharding.is_sharded(model),
+                progress=bar.update if bar is not None else None, synced=sharding.is_sharded(model),
             )
         finally:
             model.train(was_training)
+            if bar is not None:
+                bar.close()
         return score_answers(problems, texts)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:

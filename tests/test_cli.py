@@ -137,3 +137,13 @@ def test_the_default_progress_bar_counts_steps(tmp_path, extra, bar):
     shown = trainer.progress_bar_callback.get_metrics(trainer, cli.model)
     assert shown["step"] == "2/2" and "v_num" not in shown and "train/loss" in shown
     assert trainer.progress_bar_callback._get_train_description(0).strip() == "Epoch 0", "not Epoch 0/-2"
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_the_answer_evaluation_shows_its_progress(tmp_path, bar):
+    out = cli("fit", "--config", "configs/tiny.yaml", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+              "--model.export=false", "--data.synthetic.num_train=16", "--eval.num_problems=3", "--eval.max_new_tokens=2",
+              f"--trainer.enable_progress_bar={str(bar).lower()}", f"--trainer.default_root_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for when in ("before", "after"):
+        assert (f"Generating answers ({when} training)" in out.stderr) == bar, out.stderr[-2000:]
