@@ -13,7 +13,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import per_token_nll, training_precision
+from sstoken_pl.loss import per_token_nll, response_rows, training_precision
 from sstoken_pl.models import response_logits
 from sstoken_pl.token_cache import SampleCache
 
@@ -54,10 +54,12 @@ class HistoryModel(Callback):
     Its state (weights, step counter) goes into Lightning checkpoints, so a resumed run continues exactly. The EMA
     is kept in float32 whatever the parameters' dtype (a bf16 average would round small updates away).
 
-    It provides the input ``history_nll`` to ``TokenSelection`` (``token_input``), computed only when a method asks.
+    It provides the inputs ``history_nll`` (per-token NLL) and ``history_logits`` (the history model's logits at the
+    rows that predict a response token, ``[N, V]``: the anchor distribution of ``asft``) to ``TokenSelection``
+    (``token_input``), each computed only when a method or objective asks, from one forward when both are asked.
     """
 
-    provides = ("history_nll",)
+    provides = ("history_nll", "history_logits")
 
     def __init__(
         self,
@@ -81,6 +83,7 @@ class HistoryModel(Callback):
         self._last_step = 0  # trainer.global_step at the last update
         self._pending: dict[str, Any] | None = None  # state loaded from a checkpoint, applied at fit start
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (the batch's input_ids, its NLL)
+        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (input_ids, NLL, logit rows)
         self.cache = bool(cache)
         self._samples = SampleCache() if self.cache and mode == "base" else None  # later epochs: no extra forward
         self._sharded = False  # FSDP2: the weights are this rank's local shards of the parameters' DTensors
@@ -123,7 +126,7 @@ class HistoryModel(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._cache = None
+        self._cache = self._rows = None
         if trainer.global_step <= self._last_step or self._weights is None:
             return  # no optimizer step since the last update (gradient accumulation), or nothing to update
         model = hf_model(pl_module, self.model_attr)
@@ -170,6 +173,8 @@ class HistoryModel(Callback):
         key = batch["input_ids"]
         if self._cache is not None and self._cache[0] is key:
             return self._cache[1]
+        if self._rows is not None and self._rows[0] is key:
+            return self._rows[1]
         if self._samples is not None:  # base history: the same values every epoch (FSDP2: all ranks hit or none)
             compute = lambda: self._forward(pl_module, batch)  # noqa: E731
             nll = self._samples.fetch(batch, compute, lambda hit: sharding.everywhere(hit, self._sharded))
@@ -178,7 +183,17 @@ class HistoryModel(Callback):
         self._cache = (key, nll)
         return nll
 
-    def _forward(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    @torch.no_grad()
+    def history_logits(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, V]``: the history model's logits at the rows that predict a response token of this batch (no grad,
+        eval mode, the model's dtype); with its NLL from the same forward. Kept until the batch ends."""
+        key = batch["input_ids"]
+        if self._rows is None or self._rows[0] is not key:
+            nll, rows = self._forward(pl_module, batch, with_rows=True)
+            self._rows = (key, nll, rows)
+        return self._rows[2]
+
+    def _forward(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor], with_rows: bool = False):
         model = hf_model(pl_module, self.model_attr)
         was_training = model.training
         model.eval()
@@ -190,14 +205,17 @@ class HistoryModel(Callback):
                 else:
                     logits = response_logits(model, batch)
                 nll = per_token_nll(logits, batch["labels"])
+                rows = response_rows(logits, batch["labels"]) if with_rows else None
         finally:
             model.train(was_training)
-        return nll
+        return (nll, rows) if with_rows else nll
 
     def token_input(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The provider protocol of ``TokenSelection``: ``history_nll`` for this batch."""
+        """The provider protocol of ``TokenSelection``: ``history_nll`` or ``history_logits`` for this batch."""
+        if name == "history_logits":
+            return self.history_logits(pl_module, batch)
         if name != "history_nll":
-            raise KeyError(f"HistoryModel provides history_nll, not {name!r}")
+            raise KeyError(f"HistoryModel provides history_nll and history_logits, not {name!r}")
         return self.history_nll(pl_module, batch)
 
     # ------------------------------------------------------------------ checkpointing

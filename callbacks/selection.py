@@ -20,8 +20,9 @@ from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_n
 from sstoken_pl.loss import response_mask as response_positions
 from sstoken_pl.models import response_logits
 from sstoken_pl.methods import CURRENT_INPUTS, PROVIDERS, RULES, get_method, resolve_options
+from sstoken_pl.objectives import get_objective, resolve_objective_options
 
-Rule = Literal["sample_top", "batch_top", "global_threshold", "weights"]
+Rule = Literal["sample_top", "batch_top", "global_threshold", "weights", "all"]
 
 
 class TokenSelection(Callback):
@@ -39,7 +40,15 @@ class TokenSelection(Callback):
             tokens kept in the samples whose tokens are pruned.
         rule: how scores become the mask: ``sample_top`` (per-sample top ⌈ρR⌉), ``batch_top`` (top ⌈ρN⌉ of the
             batch), ``global_threshold`` (one threshold for the whole training set, from a scoring pass before the
-            first step), ``weights`` (per-sample min-max of the score as loss weights); default: the method's.
+            first step), ``weights`` (per-sample min-max of the score as loss weights), ``all`` (every response
+            token); default: the method's.
+        objective: what each counted token contributes to the loss (``sstoken_pl.objectives``): ``nll`` (plain
+            SFT), ``dft``, ``prob``, ``eaft``, ``otr``, ``asft``, or a dotted path ``package.module:NAME``; default:
+            the method's (``nll`` for the selection methods, its own for the weighting methods). Composes with any
+            method: ``method: sstoken, objective: dft`` trains ssToken's kept tokens with DFT's loss.
+        objective_options: the objective's options (``dft``: none; ``prob``: ``power`` 1, ``min_p`` 0, ``max_p`` 1;
+            ``eaft``: ``k`` 20, ``normalizer`` 3.0, ``alpha`` 1; ``otr``: see ``sstoken_pl.objectives``; ``asft``:
+            ``alpha`` 0.1).
         gamma: ssToken's γ, the weight of REL against attention, in [0, 1] (default 0.5); only for ``sstoken``.
         early_gamma: γ during the first ``early_fraction`` of the optimizer steps (the authors' released code
             selects by attention only, γ = 0, for the first 20% of training: ``early_gamma: 0, early_fraction: 0.2``).
@@ -79,6 +88,8 @@ class TokenSelection(Callback):
         warmup_steps: int = 0,
         keep_end_of_turn: bool = False,
         options: Optional[dict[str, Any]] = None,
+        objective: Optional[str] = None,
+        objective_options: Optional[dict[str, Any]] = None,
         threshold_batches: Optional[int] = None,
         seed: int = 0,
         loss_normalization: Literal["step", "micro_batch"] = "step",
@@ -91,6 +102,9 @@ class TokenSelection(Callback):
         self.method = get_method(method)
         self.ratio = selection.check_ratio(ratio, "TokenSelection.ratio")
         self.rule = rule or self.method.rule
+        self.objective_name = objective or self.method.objective
+        self.objective = get_objective(self.objective_name)
+        self.objective_options = resolve_objective_options(self.objective, objective_options)
         if self.rule not in RULES:
             raise ConfigError(f"TokenSelection.rule must be one of {', '.join(RULES)}, got {rule!r}")
         options = dict(options or {})
@@ -141,7 +155,8 @@ class TokenSelection(Callback):
     def current_inputs(self) -> frozenset[str]:
         """Inputs ``token_loss`` computes from the current forward for this method (``entropy`` only if needed)."""
         needs = self.method.needs(self.options) | self.method.needs(self.early_options or self.options)
-        return frozenset(n for n in CURRENT_INPUTS if n in needs) | {"nll"}
+        logits = {"logits"} if self.objective.needs_logits else set()
+        return frozenset(n for n in CURRENT_INPUTS if n in needs) | {"nll"} | logits
 
     def _options_at(self, step: int) -> Mapping[str, Any]:
         return self.early_options if self.early_options is not None and step < self._early_steps else self.options
@@ -163,7 +178,16 @@ class TokenSelection(Callback):
                     )
                 providers[name] = cb
         needed = self.method.needs(self.options) | self.method.needs(self.early_options or self.options)
+        needed = needed | self.objective.provider_inputs
         what = f"TokenSelection(method={self.method_name!r}" + (f", gamma={self.gamma})" if self.gamma is not None else ")")
+        if self.objective.name != self.method.objective:
+            what = what[:-1] + f", objective={self.objective.name!r})"
+        fused = getattr(pl_module, "fused_cross_entropy", None)
+        if self.objective.needs_logits and fused is not None:
+            raise ConfigError(
+                f"{what}: objective {self.objective.name!r} needs the response rows of logits, which "
+                f"model.fused_cross_entropy={fused} never holds; set model.fused_cross_entropy: null"
+            )
         missing = sorted(n for n in needed if n not in CURRENT_INPUTS and n not in providers)
         if missing:
             adds = ", ".join(f"{PROVIDERS.get(n, '?')} (for {n})" for n in missing)
@@ -171,7 +195,7 @@ class TokenSelection(Callback):
         if self.rule == "global_threshold" and "attention" in needed:
             raise ConfigError(f"{what}: rule global_threshold cannot use the attention input (no scoring pass for it)")
         for name, cb in providers.items():
-            if name not in needed:
+            if name not in needed and not set(getattr(cb, "provides", ())) & needed:
                 rank_zero_warn(f"{what} does not use {type(cb).__name__} ({name}); remove it to save its cost")
         self._providers = {n: cb for n, cb in providers.items() if n in needed}
         self._early_steps = 0
@@ -197,7 +221,7 @@ class TokenSelection(Callback):
         # coexist with the training graph, so the step's peak memory is the training forward's alone.
         attention = self._providers.get("attention")
         with attention.paused() if attention is not None else contextlib.nullcontext():  # not the history's forward
-            for name in self._needs_at(trainer.global_step):
+            for name in sorted(self._needs_at(trainer.global_step) | self.objective.provider_inputs):
                 provider = self._providers.get(name)
                 if name not in CURRENT_INPUTS and provider is not None and not getattr(provider, "from_training_forward", False):
                     self._providers[name].token_input(name, pl_module, batch)
@@ -231,6 +255,33 @@ class TokenSelection(Callback):
             self._last = (batch["input_ids"].detach(), response_mask.detach(), kept.detach() > 0, batch.get("index"), batch.get("noise"))
         return kept
 
+    def objective_loss(
+        self,
+        pl_module: pl.LightningModule,
+        batch: Mapping[str, torch.Tensor],
+        inputs: Mapping[str, torch.Tensor],
+        counted: torch.Tensor,
+        response_mask: torch.Tensor,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Each token's loss ``ℓ`` under the objective (``sstoken_pl.objectives``), from the current forward's
+        ``nll`` (with its graph) and, when the objective needs them, the response rows of ``logits``; called by
+        ``token_loss`` after ``select``. Returns ``ℓ``, or ``(ℓ, keep)`` when the objective narrows the counted
+        tokens. Logs the objective's statistics under ``objective/``."""
+        if self.objective.name == "nll":
+            return inputs["nll"]
+        values = dict(inputs)
+        labels = batch["labels"]
+        values["targets"] = labels[response_mask]
+        for name in self.objective.provider_inputs:
+            values[name] = self._providers[name].token_input(name, pl_module, batch)
+        trainer = pl_module.trainer
+        values["draw_keys"] = self._draw_keys(trainer, batch, response_mask)
+        generator = torch.Generator(device=response_mask.device).manual_seed(self._seed_key(trainer, salt=1))
+        out = self.objective.loss(values, response_mask, self.objective_options, generator)
+        loss, stats, keep = out if len(out) == 3 else (*out, None)
+        self._log(pl_module, {f"objective/{k}": v for k, v in stats.items()})
+        return loss if keep is None else (loss, keep)
+
     def _gather(self, pl_module, batch, inputs: Mapping[str, torch.Tensor], names: frozenset[str]) -> dict[str, torch.Tensor]:
         values = {}
         for name in sorted(names):
@@ -242,11 +293,24 @@ class TokenSelection(Callback):
                 values[name] = self._providers[name].token_input(name, pl_module, batch)
         return values
 
+    def _draw_keys(self, trainer: pl.Trainer, batch: Mapping[str, torch.Tensor], response_mask: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[B, T]``: one key per token from (seed, optimizer step, sample index, position), for objectives
+        that draw (OTR): the same draws whatever the batching, accumulation or rank. Without ``batch["index"]``
+        (a module of your own) the row in the batch stands in for it."""
+        B, T = response_mask.shape
+        index = batch.get("index")
+        index = torch.arange(B, device=response_mask.device) if index is None else index.to(response_mask.device)
+        base = ((self.seed * 1_000_003 + trainer.global_step) * 2_147_483_647) % 2**40
+        return (base + index.long()[:, None]) * 65_537 + torch.arange(T, device=response_mask.device)[None, :]
+
+    def _seed_key(self, trainer: pl.Trainer, salt: int = 0) -> int:
+        batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        key = self.seed * 1_000_003 + batches * 7_919 + trainer.global_rank * 15_485_863 + salt * 104_729
+        return key % (2**63 - 1)
+
     def _generator(self, trainer: pl.Trainer) -> torch.Generator:
         """A generator seeded by (seed, training batch count, rank): reproducible, also after a resume."""
-        batches = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        key = self.seed * 1_000_003 + batches * 7_919 + trainer.global_rank * 15_485_863
-        return torch.Generator().manual_seed(key % (2**63 - 1))
+        return torch.Generator().manual_seed(self._seed_key(trainer))
 
     def _apply_rule(self, scores: torch.Tensor, response_mask: torch.Tensor, generator) -> torch.Tensor:
         if self.rule == "sample_top":
@@ -255,6 +319,8 @@ class TokenSelection(Callback):
             return selection.batch_top_ratio_mask(scores, response_mask, self.ratio, generator)
         if self.rule == "weights":
             return selection.weights_from_scores(scores, response_mask)
+        if self.rule == "all":
+            return response_mask.clone()
         if self.threshold is None:
             raise RuntimeError("TokenSelection: the global threshold was not computed before the first selection")
         return selection.threshold_mask(scores, response_mask, self.threshold) | (
@@ -391,6 +457,8 @@ class TokenSelection(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "method": self.method_name,
+            "objective": self.objective_name,
+            "objective_options": dict(self.objective_options),
             "ratio": self.ratio,
             "rule": self.rule,
             "gamma": self.gamma,
@@ -411,7 +479,12 @@ class TokenSelection(Callback):
         if state_dict.get("rule", self.rule) == self.rule and state_dict.get("ratio") == self.ratio:
             self.threshold = state_dict.get("threshold")  # the global threshold is not recomputed on resume
         self._empty, self._empty_loaded = None, int(state_dict.get("empty_batches", 0))
-        settings = {k: v for k, v in state_dict.items() if k not in ("threshold", "method", "empty_batches")}
+        if state_dict.get("objective", self.objective_name) != self.objective_name:
+            raise ConfigError(
+                f"TokenSelection: the checkpoint was trained with objective {state_dict.get('objective')!r}, this run "
+                f"asks for {self.objective_name!r}"
+            )
+        settings = {k: v for k, v in state_dict.items() if k not in ("threshold", "method", "empty_batches", "objective")}
         changed = {k: (v, getattr(self, k)) for k, v in settings.items() if getattr(self, k, v) != v}
         if changed:
             rank_zero_warn(f"TokenSelection: resuming with other settings than the checkpoint's (was, now): {changed}")

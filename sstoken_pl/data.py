@@ -30,6 +30,7 @@ and padding) and ``index`` (``[B]``: the record's position in its file or split,
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -43,7 +44,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from sstoken_pl.errors import ConfigError, DataError
 from sstoken_pl.loss import IGNORE_INDEX
 from sstoken_pl.synthetic import SyntheticTask
-from sstoken_pl.templates import ROLES, Messages, encode_messages, prompt_ids, to_messages
+from sstoken_pl.templates import ROLES, Messages, encode_weighted_messages, prompt_ids, to_messages
 
 Format = Literal["auto", "prompt_completion", "messages", "alpaca", "gsm8k"]
 # Each format's required fields, in the order ``auto`` tries them.
@@ -207,6 +208,20 @@ def _text(record: Mapping[str, Any], field: str, where: str, fmt: str, optional:
     return value
 
 
+def check_weight(value: Any, where: str) -> float:
+    """A training weight from the data: a finite number ≥ 0 (0: not trained), else one ``DataError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where} must be a number ≥ 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise DataError(f"{where} must be a finite number ≥ 0, got {value!r}")
+    return float(value)
+
+
+def sample_weight(record: Mapping[str, Any], where: str) -> float:
+    """The record's ``weight`` field (every format): multiplies the weight of each of its trained tokens; 1 if absent."""
+    return check_weight(record["weight"], f"{where}: field 'weight'") if record.get("weight") is not None else 1.0
+
+
 def _messages(record: Mapping[str, Any], where: str, system_prompt: Optional[str]) -> Messages:
     if "messages" not in record:
         raise DataError(f"{where}: the record has no 'messages' field (format messages)")
@@ -219,7 +234,17 @@ def _messages(record: Mapping[str, Any], where: str, system_prompt: Optional[str
             raise DataError(
                 f"{where}: messages[{i}] must be an object with a role in {ROLES} and a string content, got {turn!r}"
             )
-        messages.append({"role": turn["role"], "content": turn["content"]})
+        message = {"role": turn["role"], "content": turn["content"]}
+        if "weight" in turn:
+            weight = check_weight(turn["weight"], f"{where}: messages[{i}].weight")
+            if weight and turn["role"] != "assistant":
+                raise DataError(
+                    f"{where}: messages[{i}].weight is {turn['weight']!r} on a {turn['role']} turn; only assistant "
+                    f"turns are trained (give it weight 0 or none)"
+                )
+            if turn["role"] == "assistant":
+                message["weight"] = weight
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: 'messages' has no assistant turn, so nothing to train on")
     if system_prompt and messages[0]["role"] != "system":
@@ -255,8 +280,10 @@ class SFTCollator:
     """Pads samples (``input_ids``, ``labels`` lists and an ``index``) on the right to the longest one.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` as ``LongTensor[B, T]`` (padding: ``pad_token_id``, 0
-    and -100) and ``index`` as ``LongTensor[B]``; and ``noise`` as ``BoolTensor[B, T]`` (padding: False) when every
-    sample carries a ``noise`` list (the built-in task's training samples).
+    and -100) and ``index`` as ``LongTensor[B]``; ``noise`` as ``BoolTensor[B, T]`` (padding: False) when every
+    sample carries a ``noise`` list (the built-in task's training samples); ``token_weights`` as ``FloatTensor[B, T]``
+    (padding: 0) when every sample carries them (training data with a ``weight`` field: ``sstoken_pl.token_loss``
+    multiplies each token's loss by its weight).
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -274,6 +301,11 @@ class SFTCollator:
             labels[i, :n] = torch.tensor(s["labels"], dtype=torch.long)
         index = torch.tensor([s["index"] for s in samples], dtype=torch.long)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "index": index}
+        if all(s.get("token_weights") is not None for s in samples):
+            weights = torch.zeros((len(samples), width), dtype=torch.float32)
+            for i, s in enumerate(samples):
+                weights[i, : len(s["token_weights"])] = torch.tensor(s["token_weights"], dtype=torch.float32)
+            batch["token_weights"] = weights
         if all(s.get("noise") is not None for s in samples):
             noise = torch.zeros((len(samples), width), dtype=torch.bool)
             for i, s in enumerate(samples):
@@ -450,6 +482,7 @@ class SFTDataModule(pl.LightningDataModule):
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.dropped: dict[str, int] = {}
+        self.weighted = False  # some record carries a weight (per message or per sample): batches get token_weights
         self.noise_unplaced: dict[str, int] = {}
         self._train_sampler: Optional[ResumableSampler] = None
         self._resume_position: Optional[dict[str, Any]] = None  # from a checkpoint, applied to the next loader
@@ -490,7 +523,12 @@ class SFTDataModule(pl.LightningDataModule):
         samples, user_last, empty = [], [], []
         for index, (where, record) in enumerate(records):
             messages, answer = normalise(record, fmt, where, self.system_prompt, self.strip_calculator_annotations)
-            samples.append({"messages": messages, "answer": answer, "index": index, "where": where})
+            sample = {"messages": messages, "answer": answer, "index": index, "where": where}
+            weight = sample_weight(record, where)
+            if weight != 1.0 or any("weight" in m for m in messages):
+                sample["weight"] = weight
+                self.weighted = True
+            samples.append(sample)
             if messages[-1]["role"] == "user":
                 user_last.append(where)
             if not any(m["content"].strip() for m in messages if m["role"] == "assistant"):
@@ -551,13 +589,19 @@ class SFTDataModule(pl.LightningDataModule):
         import datasets
 
         known_noise = split == "train" and bool(samples) and "noise_spans" in samples[0]
+        weighted = split == "train" and self.weighted
 
         def encode(sample: dict[str, Any]) -> dict[str, Any]:
             try:
-                ids, labels = encode_messages(sample["messages"], self.tokenizer, self.max_length)
+                ids, labels, weights = encode_weighted_messages(sample["messages"], self.tokenizer, self.max_length)
             except DataError as err:
                 raise DataError(f"{sample['where']}: {err}") from None
+            if weighted:
+                scale = sample.get("weight", 1.0)
+                labels = labels if scale > 0 else [IGNORE_INDEX] * len(labels)
             out = {"input_ids": ids, "labels": labels, "n_response": sum(l != IGNORE_INDEX for l in labels[1:])}
+            if weighted:
+                out["token_weights"] = [w * scale for w in weights]
             if known_noise:
                 flags = noise_flags(ids, labels, sample["completion"], sample["noise_spans"], self.tokenizer)
                 out["noise"] = [0] * len(ids) if flags is None else flags
@@ -566,7 +610,8 @@ class SFTDataModule(pl.LightningDataModule):
 
         # The synthetic task's completion and noise spans are needed only to place the noise of training samples.
         keep = ("messages", "where", "index") + (("completion", "noise_spans") if known_noise else ())
-        rows = [{k: s[k] for k in keep} for s in samples]
+        keep += ("weight",) if weighted else ()
+        rows = [{k: s.get(k, 1.0) if k == "weight" else s[k] for k in keep} for s in samples]
         dataset = datasets.Dataset.from_list(rows).map(
             encode,
             remove_columns=[c for c in keep if c != "index"],
@@ -585,15 +630,15 @@ class SFTDataModule(pl.LightningDataModule):
                 )
         kept = [i for i, n in enumerate(dataset["n_response"]) if n > 0]
         self.dropped[split] = len(dataset) - len(kept)
+        why = f"after truncation to data.max_length={self.max_length}" + (" or weight 0" if weighted else "")
         if not kept:
             raise DataError(
-                f"all {len(dataset)} {split} samples have no response token left after truncation to "
-                f"data.max_length={self.max_length}; raise max_length"
+                f"all {len(dataset)} {split} samples have no response token left {why}; "
+                + ("raise max_length or give some a weight" if weighted else "raise max_length")
             )
         if self.dropped[split]:
             rank_zero_warn(
-                f"data: dropped {self.dropped[split]} of {len(dataset)} {split} samples with no response token left "
-                f"after truncation to data.max_length={self.max_length}"
+                f"data: dropped {self.dropped[split]} of {len(dataset)} {split} samples with no response token left {why}"
             )
         return dataset.select(kept, keep_in_memory=True).remove_columns("n_response")
 

@@ -384,19 +384,39 @@ def training_precision(pl_module: Any) -> ContextManager:
     return trainer.strategy.precision_plugin.train_step_context()
 
 
+def response_rows(logits: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The rows of logits that predict a response target, ``[N, V]`` (row-major over the response positions):
+    ``logits`` as it is when it already is rows, else the predicting rows of ``[B, T, V]``."""
+    if isinstance(logits, HeadRows):
+        from sstoken_pl.errors import ConfigError
+
+        raise ConfigError(
+            "the objective needs the response rows of logits, which a fused cross-entropy never holds: set "
+            "model.fused_cross_entropy: null"
+        )
+    if logits.dim() == 2:
+        return logits
+    return logits[:, :-1][response_mask(labels)[:, 1:]]
+
+
 def token_loss(pl_module: Any, batch: Mapping[str, torch.Tensor], logits: torch.Tensor) -> torch.Tensor:
-    """The training loss of every module, ours or a user's: mean NLL over the kept response tokens.
+    """The training loss of every module, ours or a user's: ``Σ c·d·ℓ / Σ c`` over the response tokens.
 
     ``logits``: the model's ``[B, T, V]`` logits, or — cheaper — only the rows that predict a response token,
     ``[N, V]``: ``sstoken_pl.models.response_logits(model, batch)``, i.e. a Hugging Face causal LM called with
     ``logits_to_keep=prediction_mask(batch["labels"])``, which applies the LM head at those rows only.
 
-    With no token selector (``TokenSelection``) on the trainer, or outside training, every response token is kept:
-    plain SFT. With one, its mask (computed from this batch's per-token inputs, before backward) picks the kept
-    tokens; a selector that weights rather than drops gives the weighted mean ``Σ w·NLL / Σ w``. A batch with no
-    kept token gives a zero loss (with a graph), never NaN.
+    - ``c``: which tokens count, and how much. With no token selector (``TokenSelection``) on the trainer, or outside
+      training, every response token (plain SFT). With one, its mask or weights, computed from this batch's
+      per-token inputs before backward.
+    - ``ℓ``: each token's loss: the NLL, or the selector's objective (``sstoken_pl.objectives``: DFT, EAFT, …).
+    - ``d``: the weights given by the data (``batch["token_weights"]``, aligned with ``labels``), in training only:
+      they scale each token's loss, and the normaliser still counts tokens (ms-swift's ``loss_scale`` divides by
+      the number of supervised tokens too), so weights of 2 double a turn's pull and do not renormalise the rest.
 
-    The mean is over the kept tokens of the whole optimizer step (all micro-batches, all ranks: ``StepTokenMean``)
+    A batch with no counted token gives a zero loss (with a graph), never NaN.
+
+    The mean is over the counted tokens of the whole optimizer step (all micro-batches, all ranks: ``StepTokenMean``)
     when the selector — or, without one, the module — has ``loss_normalization == "step"`` (the default of
     ``TokenSelection`` and ``SFTModule``); otherwise, and in a module of your own without a selector, over the
     micro-batch (the authors' choice: ``loss_normalization: micro_batch``). The returned value is always the
@@ -409,16 +429,30 @@ def token_loss(pl_module: Any, batch: Mapping[str, torch.Tensor], logits: torch.
     training = pl_module.training and trainer is not None and trainer.training
     if selector is None or not training:
         nll = per_token_nll(logits, labels)
-        weights = mask.to(nll.dtype)
+        weights, per_token = mask.to(nll.dtype), nll
     else:
-        if "entropy" in selector.current_inputs:
+        needs = selector.current_inputs
+        rows = response_rows(logits, labels) if "logits" in needs else None  # before the NLL: fail fast if fused
+        if "entropy" in needs:
             nll, entropy = per_token_nll(logits, labels, with_entropy=True)
             inputs = {"nll": nll, "entropy": entropy}
         else:
             nll = per_token_nll(logits, labels)
             inputs = {"nll": nll}
         weights = selector.select(pl_module, batch, inputs, mask).to(nll.dtype)
-    total, count = (nll * weights).sum(), weights.sum()
+        per_token = nll
+        objective_loss = getattr(selector, "objective_loss", None)
+        if objective_loss is not None:
+            if rows is not None:
+                inputs["logits"] = rows
+            per_token = objective_loss(pl_module, batch, inputs, weights, mask)
+            if isinstance(per_token, tuple):  # the objective counts only some tokens (probability thresholds)
+                per_token, keep = per_token
+                weights = weights * keep.to(weights.dtype)
+    data = batch.get("token_weights") if training else None
+    if data is not None:  # scales each token's loss; the normaliser still counts tokens (as ms-swift's loss_scale)
+        per_token = per_token * data.to(per_token.dtype)
+    total, count = (per_token * weights).sum(), weights.sum()
     step = step_token_mean(pl_module) if training else None
     if step is not None:
         return step.loss(total, count)

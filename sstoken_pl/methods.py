@@ -10,7 +10,12 @@ A method is *inputs → score → rule* (see ``sstoken_pl.selection``):
   ``options`` carries the method's options and ``ratio`` (ρ, ``TokenSelection.ratio``).
 - a **rule** turns scores into the kept mask or weights: ``sample_top`` (per-sample top ⌈ρR⌉), ``batch_top``
   (top ⌈ρN⌉ over the batch's response tokens), ``global_threshold`` (a dataset-wide threshold from a scoring pass
-  before training), ``weights`` (per-sample min-max of the score as loss weights).
+  before training), ``weights`` (per-sample min-max of the score as loss weights), ``all`` (every response token:
+  the weighting methods, whose objective does the work).
+
+A method may also name an **objective** (``sstoken_pl.objectives``): what each counted token contributes to the loss
+(the NLL by default; ``dft``, ``eaft``, ``prob``, ``otr``, ``asft``). The weighting methods are rule ``all`` with
+their objective; ``TokenSelection(objective=...)`` composes any objective with any selection method.
 
 A new method is one ``Method`` and a config: ``register_method(Method(...))`` from your code, or
 ``TokenSelection(method="my_package.my_module:MY_METHOD")`` with a dotted path to a ``Method`` object.
@@ -32,12 +37,13 @@ CURRENT_INPUTS = ("nll", "entropy")
 # Which callback provides each input, for error messages.
 PROVIDERS = {
     "history_nll": "sstoken_pl.callbacks.HistoryModel",
+    "history_logits": "sstoken_pl.callbacks.HistoryModel",
     "reference_nll": "sstoken_pl.callbacks.ReferenceModel",
     "attention": "sstoken_pl.callbacks.AttentionScore",
     "sequence_entropy": "sstoken_pl.callbacks.SequenceEntropy",
     "attended": "sstoken_pl.callbacks.SequenceEntropy",
 }
-RULES = ("sample_top", "batch_top", "global_threshold", "weights")
+RULES = ("sample_top", "batch_top", "global_threshold", "weights", "all")
 
 Inputs = Mapping[str, torch.Tensor]
 ScoreFn = Callable[[Inputs, torch.Tensor, Mapping[str, Any], "torch.Generator | None"], torch.Tensor]
@@ -56,6 +62,7 @@ class Method:
         rule: the default rule (one of ``RULES``).
         options: the method's own options and their defaults (``TokenSelection(options={...})``).
         summary: one line for ``--help`` and docs.
+        objective: the default objective (``sstoken_pl.objectives``): ``nll`` for the selection methods.
     """
 
     name: str
@@ -64,6 +71,7 @@ class Method:
     rule: str = "sample_top"
     options: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
+    objective: str = "nll"
 
     def needs(self, options: Mapping[str, Any]) -> frozenset[str]:
         return frozenset(self.inputs(options))
@@ -105,6 +113,10 @@ def _qtuning_paper(inputs: Inputs, resp: torch.Tensor, options: Mapping[str, Any
     )
 
 
+def _all(inputs: Inputs, resp: torch.Tensor, options: Mapping[str, Any], generator) -> torch.Tensor:
+    return torch.where(resp, 1.0, 0.0)
+
+
 def _fixed(*names: str) -> Callable[[Mapping[str, Any]], frozenset[str]]:
     return lambda options: frozenset(names)
 
@@ -143,6 +155,16 @@ for _m in (
     Method(
         "qtuning_paper", _fixed("nll", "entropy"), _qtuning_paper, "sample_top", {"sample_ratio": 0.5, "smoothing": 0.5},
         "Q-Tuning, our reading of the paper: drop the Q1/Q3 corners, keep the highest smoothed-PPL tokens of Q2 samples",
+    ),
+    *(
+        Method(name, _fixed(), _all, "all", {}, f"{summary}; every response token", objective=name)
+        for name, summary in (
+            ("dft", "DFT: sg(p)·NLL"),
+            ("prob", "probability objective (1 − p^k)/k"),
+            ("eaft", "EAFT: NLL weighted by the normalised top-k entropy"),
+            ("otr", "One-Token Rollout: a one-step policy gradient over K sampled tokens and the ground truth"),
+            ("asft", "Anchored SFT: DFT plus a KL anchor to the base model"),
+        )
     ),
 ):
     register_method(_m)

@@ -42,9 +42,16 @@ PLAIN_TEMPLATE = PLAIN_INSTRUCTION.format(content="{prompt}") + PLAIN_RESPONSE
 
 ROLES = ("system", "user", "assistant")
 
-Messages = list[dict[str, str]]
-# Rendered text split into consecutive pieces, each trained on or not.
-_Pieces = list[tuple[str, bool]]
+Messages = list[dict[str, Any]]
+# Rendered text split into consecutive pieces, each with its training weight (0: not trained).
+_Pieces = list[tuple[str, float]]
+
+
+def _weight(message: dict[str, Any]) -> float:
+    """An assistant turn's training weight: its ``weight`` field (checked by the data reader), 1 by default (also
+    when ``None``: a ``datasets`` table gives every message the fields of all)."""
+    weight = message.get("weight")
+    return 1.0 if weight is None else float(weight)
 
 
 def to_messages(prompt: str, completion: Optional[str] = None, system: Optional[str] = None) -> Messages:
@@ -141,14 +148,15 @@ def _chat_pieces(messages: Messages, tokenizer: Any) -> _Pieces:
             eos = tokenizer.eos_token
             if eos and full.startswith(eos, end):
                 end += len(eos)
-        pieces += [(full[emitted:start], False), (full[start:end], True)]
+        pieces += [(full[emitted:start], 0.0), (full[start:end], _weight(message))]
         emitted = cursor = end
-    pieces.append((full[emitted:], False))
+    pieces.append((full[emitted:], 0.0))
     return pieces
 
 
-def _generation_mask_encoding(messages: Messages, tokenizer: Any) -> tuple[list[int], list[bool]] | None:
-    """Token ids and the trained flags from the template's own ``{% generation %}`` markers, when it has them."""
+def _generation_mask_encoding(messages: Messages, tokenizer: Any) -> tuple[list[int], list[float]] | None:
+    """Token ids and their weights from the template's own ``{% generation %}`` markers, when it has them: the k-th
+    marked span is the k-th assistant turn (with per-turn weights, the counts must agree)."""
     if "{% generation %}" not in (tokenizer.chat_template or "").replace("{%- generation %}", "{% generation %}"):
         return None
     out = tokenizer.apply_chat_template(
@@ -157,7 +165,18 @@ def _generation_mask_encoding(messages: Messages, tokenizer: Any) -> tuple[list[
     mask = out.get("assistant_masks")
     if mask is None or not any(mask):
         return None
-    return list(out["input_ids"]), [bool(m) for m in mask]
+    turns = [_weight(m) for m in messages if m["role"] == "assistant"]
+    starts = [i for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1])]
+    if any(w != 1.0 for w in turns) and len(starts) != len(turns):
+        raise DataError(
+            f"the chat template marks {len(starts)} generation spans for {len(turns)} assistant turns; cannot give "
+            f"each turn its weight"
+        )
+    weights, turn = [], -1
+    for i, m in enumerate(mask):
+        turn += bool(m) and (i == 0 or not mask[i - 1])
+        weights.append(turns[min(turn, len(turns) - 1)] if m else 0.0)
+    return list(out["input_ids"]), weights
 
 
 def _plain_pieces(messages: Messages, tokenizer: Any) -> _Pieces:
@@ -165,46 +184,47 @@ def _plain_pieces(messages: Messages, tokenizer: Any) -> _Pieces:
     for message in messages:
         role, content = message["role"], message["content"]
         if role == "system":
-            pieces.append((PLAIN_SYSTEM.format(content=content), False))
+            pieces.append((PLAIN_SYSTEM.format(content=content), 0.0))
         elif role == "user":
-            pieces.append((PLAIN_INSTRUCTION.format(content=content), False))
+            pieces.append((PLAIN_INSTRUCTION.format(content=content), 0.0))
         else:
-            pieces += [(PLAIN_RESPONSE, False), (content + (tokenizer.eos_token or ""), True)]
+            pieces += [(PLAIN_RESPONSE, 0.0), (content + (tokenizer.eos_token or ""), _weight(message))]
     return pieces
 
 
-def _tokenize_pieces(pieces: _Pieces, tokenizer: Any) -> tuple[list[int], list[bool]]:
-    """Token ids of the pieces joined, and whether each token is trained on.
+def _tokenize_pieces(pieces: _Pieces, tokenizer: Any) -> tuple[list[int], list[float]]:
+    """Token ids of the pieces joined, and each token's training weight (0: not trained).
 
-    Consecutive pieces alike are merged first, so that only the starts and ends of trained spans are boundaries.
+    Consecutive pieces of one weight are merged first, so that only the starts and ends of trained spans are
+    boundaries.
     The joined text is tokenised at once when every boundary is a token boundary of the whole (the prefix's
     tokenisation is a prefix of the whole's); otherwise each piece is tokenised on its own.
     """
     merged: _Pieces = []
-    for text, is_trained in pieces:
-        if merged and merged[-1][1] == is_trained:
-            merged[-1] = (merged[-1][0] + text, is_trained)
+    for text, weight in pieces:
+        if merged and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + text, weight)
         elif text:
-            merged.append((text, is_trained))
+            merged.append((text, weight))
     pieces = merged
     full = _tokenize(tokenizer, "".join(text for text, _ in pieces))
-    trained: list[bool] = []
+    trained: list[float] = []
     prefix = ""
-    for text, is_trained in pieces:
+    for text, weight in pieces:
         prefix += text
         upto = _tokenize(tokenizer, prefix)
         if full[: len(upto)] != upto or len(upto) < len(trained):
             break
-        trained += [is_trained] * (len(upto) - len(trained))
+        trained += [weight] * (len(upto) - len(trained))
     else:
         if len(trained) == len(full):
             return full, trained
     ids: list[int] = []
     trained = []
-    for text, is_trained in pieces:
+    for text, weight in pieces:
         piece = _tokenize(tokenizer, text)
         ids += piece
-        trained += [is_trained] * len(piece)
+        trained += [weight] * len(piece)
     return ids, trained
 
 
@@ -213,8 +233,18 @@ def encode_messages(
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` of a conversation, truncated from the right to ``max_length`` tokens.
 
-    ``labels`` copies ``input_ids`` on the assistant turns' tokens and is ``-100`` elsewhere.
+    ``labels`` copies ``input_ids`` on the assistant turns' tokens and is ``-100`` elsewhere (and on the turns of
+    ``weight`` 0).
     """
+    ids, labels, _ = encode_weighted_messages(messages, tokenizer, max_length)
+    return ids, labels
+
+
+def encode_weighted_messages(
+    messages: Messages, tokenizer: Any, max_length: Optional[int] = None
+) -> tuple[list[int], list[int], list[float]]:
+    """``(input_ids, labels, weights)``: ``encode_messages`` and each token's training weight — its assistant
+    turn's ``weight`` (1 by default) on trained tokens, 0 elsewhere."""
     marked = _generation_mask_encoding(messages, tokenizer) if has_chat_template(tokenizer) else None
     if marked is not None:
         ids, trained = marked
@@ -222,11 +252,11 @@ def encode_messages(
         pieces = _chat_pieces(messages, tokenizer) if has_chat_template(tokenizer) else _plain_pieces(messages, tokenizer)
         ids, trained = _tokenize_pieces(pieces, tokenizer)
     if _needs_bos(tokenizer, ids):
-        ids, trained = [tokenizer.bos_token_id] + ids, [False] + trained
-    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)]
+        ids, trained = [tokenizer.bos_token_id] + ids, [0.0] + trained
+    labels = [t if w > 0 else IGNORE_INDEX for t, w in zip(ids, trained)]
     if max_length is not None:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return ids, labels
+        ids, labels, trained = ids[:max_length], labels[:max_length], trained[:max_length]
+    return ids, labels, [float(w) for w in trained]
 
 
 def prompt_ids(messages: Messages, tokenizer: Any) -> list[int]:

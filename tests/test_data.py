@@ -657,3 +657,66 @@ def test_gsm8k_records_through_the_module(chat_tok):
     assert all(p["answer"].lstrip("-").replace(".", "").isdigit() for p in problems)
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and (batch["labels"] != -100).any(1).all()
+
+
+# ------------------------------------------------------------------------------------------- weights from the data
+def weighted_tokens(dm, tok, index):
+    """(decoded trained token, weight) of one training sample."""
+    row = rows_by_index(dm)[index]
+    return [(tok.decode([t]), w) for t, l, w in zip(row["input_ids"], row["labels"], row["token_weights"]) if l != -100]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_message_and_sample_weights_reach_the_batch(tmp_path, byte_tok, chat_tok, chat):
+    tok = chat_tok if chat else byte_tok
+    records = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ab", "weight": 3},
+                      {"role": "user", "content": "and?"}, {"role": "assistant", "content": "cd", "weight": 0},
+                      {"role": "user", "content": "more"}, {"role": "assistant", "content": "ef"}], "weight": 0.5},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]},
+        {"messages": [{"role": "system", "content": "s", "weight": 0}, {"role": "user", "content": "x"},
+                      {"role": "assistant", "content": "gh"}]},
+    ]
+    with pytest.warns(UserWarning, match="dropped 1 of 3 train samples .* or weight 0"):
+        dm = module(write_jsonl(tmp_path / "w.jsonl", records), tok)
+    eot = "<|im_end|>" if chat else "<|eos|>"
+    assert weighted_tokens(dm, tok, 0) == [("a", 1.5), ("b", 1.5), (eot, 1.5), ("e", 0.5), ("f", 0.5), (eot, 0.5)]
+    assert weighted_tokens(dm, tok, 2) == [("g", 1.0), ("h", 1.0), (eot, 1.0)]
+    assert 1 not in rows_by_index(dm), "a record whose every weight is 0 is dropped and counted"
+    assert dm.dropped["train"] == 1
+    batch = SFTCollator(tok.pad_token_id)([dm.train_dataset[0], dm.train_dataset[1]])
+    assert batch["token_weights"].shape == batch["labels"].shape
+    assert torch.all(batch["token_weights"][batch["labels"] == -100] == 0)
+
+
+def test_sample_weight_in_other_formats(tmp_path, byte_tok):
+    records = [{"prompt": "a", "completion": "bc", "weight": 2}, {"prompt": "d", "completion": "ef"}]
+    dm = module(write_jsonl(tmp_path / "pc.jsonl", records), byte_tok)
+    assert {w for _, w in weighted_tokens(dm, byte_tok, 0)} == {2.0}
+    assert {w for _, w in weighted_tokens(dm, byte_tok, 1)} == {1.0}
+    unweighted = module(write_jsonl(tmp_path / "plain.jsonl", PC_RECORDS), byte_tok)
+    assert "token_weights" not in unweighted.train_dataset.column_names, "no weights, no extra column"
+
+
+@pytest.mark.parametrize("bad,field", [
+    ({"prompt": "a", "completion": "b", "weight": -1}, "line 2: field 'weight' must be a finite number ≥ 0"),
+    ({"prompt": "a", "completion": "b", "weight": "high"}, "line 2: field 'weight' must be a number ≥ 0"),
+    ({"prompt": "a", "completion": "b", "weight": True}, "line 2: field 'weight' must be a number"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": float("inf")}]},
+     "line 2: messages\\[1\\].weight must be a finite number"),
+    ({"messages": [{"role": "user", "content": "a", "weight": 1}, {"role": "assistant", "content": "b"}]},
+     "line 2: messages\\[0\\].weight is 1 on a user turn"),
+])
+def test_bad_weights_name_file_line_and_field(tmp_path, byte_tok, bad, field):
+    good = {"prompt": "x", "completion": "y"} if "prompt" in bad else {
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad).replace("Infinity", "1e999") + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"bad.jsonl {field}"):
+        module(str(path), byte_tok)
+
+
+def test_all_weights_zero_is_one_clear_error(tmp_path, byte_tok):
+    records = [{"prompt": "a", "completion": "b", "weight": 0}, {"prompt": "c", "completion": "d", "weight": 0.0}]
+    with pytest.raises(DataError, match="all 2 train samples have no response token left .* or weight 0"):
+        module(write_jsonl(tmp_path / "zero.jsonl", records), byte_tok)

@@ -1,5 +1,6 @@
 """FSDP2 (``fully_shard`` under Lightning's ``ModelParallelStrategy``) on 2 CPU processes (gloo) equals 1 process on
-the same global batch: LoRA and full fine-tuning, each HistoryModel mode, the reference model; checkpoints resume
+the same global batch: LoRA and full fine-tuning, each HistoryModel mode, the reference model, the base-anchored
+objective (ASFT); checkpoints resume
 exactly; export and the answer evaluation work under sharding; impossible strategy combinations are refused."""
 
 import json
@@ -17,7 +18,7 @@ from sstoken_pl.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "fsdp2_cases.py")
-TRAIN = [f"{k}-{m}" for k in ("lora", "full") for m in ("base", "snapshot", "ema", "reference")]
+TRAIN = [f"{k}-{m}" for k in ("lora", "full") for m in ("base", "snapshot", "ema", "reference", "asft")]
 RESUME = ["resume-full-ema", "resume-lora-snapshot", "resume1file-lora-ema"]
 
 

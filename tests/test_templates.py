@@ -71,3 +71,19 @@ def test_generation_markers_label_exactly_what_they_mark(chat_tok):
     messages = [{"role": "user", "content": "2+2? say 4"}, {"role": "assistant", "content": "4"}]
     ids, labels = encode_messages(messages, chat_tok)
     assert trained(chat_tok, ids, labels) == ["4<|im_end|>"]
+
+
+@pytest.mark.parametrize("markers", [False, True])
+def test_turn_weights_follow_their_turns(chat_tok, markers):
+    from sstoken_pl.templates import encode_weighted_messages
+
+    if markers:
+        chat_tok.chat_template = WITH_MARKERS
+    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "ab", "weight": 2.0},
+                {"role": "user", "content": "q2"}, {"role": "assistant", "content": "cd", "weight": 0.0},
+                {"role": "user", "content": "q3"}, {"role": "assistant", "content": "ef"}]
+    ids, labels, weights = encode_weighted_messages(messages, chat_tok)
+    assert trained(chat_tok, ids, labels) == ["ab<|im_end|>", "ef<|im_end|>"]
+    runs = [(chat_tok.decode([i]), w) for i, l, w in zip(ids, labels, weights) if l != IGNORE_INDEX]
+    assert [w for _, w in runs] == [2.0] * 3 + [1.0] * 3
+    assert all(w == 0 for l, w in zip(labels, weights) if l == IGNORE_INDEX)

@@ -4,7 +4,7 @@
 Usage: fsdp2_cases.py OUT_DIR DEVICES [CASE ...]
 
 Cases: ``<lora|full>-<base|snapshot|ema>`` (ssToken with that history), ``<lora|full>-reference`` (Rho-1 against the
-reference model at $SSTOKEN_TEST_REFERENCE), ``resume-<lora|full>-<mode>`` (a run resumed from its checkpoint against
+reference model at $SSTOKEN_TEST_REFERENCE), ``<lora|full>-asft`` (Anchored SFT: DFT + KL to the base model), ``resume-<lora|full>-<mode>`` (a run resumed from its checkpoint against
 a straight one; ``resume1file-...``: the checkpoint as one whole file, ``save_distributed_checkpoint=False``).
 
 Writes ``OUT_DIR/<case>.pt`` from rank 0: per step the global kept-token count, response-token count and the kept
@@ -99,11 +99,14 @@ def history_weights(history: HistoryModel, model) -> dict:
 
 def fit(devices, lora, mode, steps=STEPS, root=None, ckpt_path=None, extra_callbacks=(), distributed_checkpoint=True):
     pl.seed_everything(0)
-    history = HistoryModel(mode="base" if mode == "reference" else mode, ema_decay=0.6, snapshot_every=2, cache=CACHE)
+    history = HistoryModel(mode="base" if mode in ("reference", "asft") else mode, ema_decay=0.6, snapshot_every=2, cache=CACHE)
     if mode == "reference":  # Rho-1 against a frozen reference, per-sample rule (a batch rule depends on the split)
         selection = RecordingSelection(method="rho1", ratio=0.5, rule="sample_top")
         reference = ReferenceModel(path=os.environ["SSTOKEN_TEST_REFERENCE"], check_tokenizer=False, cache=CACHE)
         callbacks = [reference, selection, *extra_callbacks]
+    elif mode == "asft":  # the reference-anchored objective: the base model's distribution at every response row
+        selection = RecordingSelection(method="asft", objective_options={"alpha": 0.5})
+        callbacks = [history, selection, *extra_callbacks]
     else:
         selection = RecordingSelection(method="sstoken", ratio=0.5, gamma=0.5)
         callbacks = [history, AttentionScore(layer=-1), selection, *extra_callbacks]
