@@ -1,0 +1,14 @@
+#!/bin/bash
+# The token-weighting objectives (issue "Every token-level SFT objective in one harness") in both experiments of
+# docs/results.md, as a resumable queue: compare.py reuses every finished run (its done.json), so re-running this
+# script continues where it stopped. Run it from a frozen worktree of a commit (git worktree add ../wt-obj <commit>)
+# and copy the run records back (no weights). The tables then come from compare.py --report-only with every method.
+set -e
+cd "$(dirname "$0")/../.."
+NEW="dft prob eaft otr asft sstoken_dft"
+SYN="--data.synthetic.noise=0.4 --data.synthetic.label_noise=0.2 --trainer.val_check_interval=10"
+# 1. Experiment 1 (built-in task, 30 steps at lr 1e-3, the existing table's regime): seed 0, then seeds 1 and 2
+python tools/compare.py --config configs/quickstart.yaml --methods $NEW --seeds 0 --out experiments/synthetic --extra "$SYN"
+python tools/compare.py --config configs/quickstart.yaml --methods $NEW --seeds 1 2 --out experiments/synthetic --extra "$SYN"
+# 2. Experiment 2 (GSM8K), one seed
+python tools/compare.py --config configs/gsm8k.yaml --methods $NEW --seeds 0 --out experiments/gsm8k
