@@ -293,3 +293,54 @@ def test_an_objective_of_your_own_by_dotted_path():
     assert math.isclose(loss, float(((1 - torch.exp(-nll)) * nll)[resp].mean()), rel_tol=1e-5)
     with pytest.raises(ConfigError, match="is a function, not a sstoken_pl Objective"):
         TokenSelection(objective="tests.test_objectives:_focal")
+
+
+def _weighted_records(path, n=24):
+    import json
+
+    with open(path, "w") as f:
+        for i in range(n):
+            record = {"messages": [{"role": "user", "content": f"what is {i} + {i}?"},
+                                   {"role": "assistant", "content": f"{i} + {i} = {2 * i}", "weight": 1 + i % 3},
+                                   {"role": "user", "content": "sure?"},
+                                   {"role": "assistant", "content": "yes", "weight": 0 if i % 2 else 0.5}],
+                      "weight": 2.0 if i % 4 == 0 else 1.0}
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+def test_dft_and_data_weights_on_the_fused_path_train_like_the_logits_path(tmp_path):
+    """Weights are never silently dropped by a fused cross-entropy: the same 3 steps, same losses, same weights."""
+    from sstoken_pl.data import SFTDataModule
+    from sstoken_pl.module import SFTModule
+
+    path = _weighted_records(tmp_path / "w.jsonl")
+    runs = []
+    for fused in (None, "chunked"):
+        torch.manual_seed(0)
+        module = SFTModule(model_config=tiny_llama_config(eos_token_id=4), tokenizer="byte-chat", lr=3e-3,
+                           export=False, fused_cross_entropy=fused)
+        data = SFTDataModule(path=path, batch_size=4, val_size=0.0, max_length=256)
+        t = trainer(max_steps=3, default_root_dir=tmp_path / str(fused), callbacks=[TokenSelection(method="dft")])
+        t.fit(module, datamodule=data)
+        runs.append((float(t.callback_metrics["train/loss"]), {n: p.detach().clone() for n, p in module.model.named_parameters()}))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-4)
+    for n, p in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][n], p, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_weighted_data_and_an_objective_from_the_cli(tmp_path):
+    from tests.test_cli import cli
+
+    path = _weighted_records(tmp_path / "w.jsonl")
+    out = cli("fit", "--config", "configs/tiny.yaml", "--config", "configs/methods/eaft.yaml", f"--data.path={path}",
+              "--data.val_size=0.25", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+              "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}", "--model.export=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    import csv
+    import glob
+
+    (metrics,) = glob.glob(str(tmp_path / "lightning_logs" / "*" / "metrics.csv"))
+    rows = list(csv.DictReader(open(metrics)))
+    weights = [float(r["objective/weight_mean"]) for r in rows if r.get("objective/weight_mean")]
+    assert len(weights) == 2 and all(0 < w < 2 for w in weights), "EAFT's mean weight is logged every step"
