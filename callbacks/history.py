@@ -24,7 +24,7 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-def hf_model(pl_module: pl.LightningModule, model_attr: str) -> torch.nn.Module:
+def module_model(pl_module: pl.LightningModule, model_attr: str) -> torch.nn.Module:
     """The Hugging Face model a callback works on: ``getattr(pl_module, model_attr)``, with a clear error."""
     model = getattr(pl_module, model_attr, None)
     if not isinstance(model, torch.nn.Module):
@@ -90,13 +90,13 @@ class HistoryModel(Callback):
 
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model = hf_model(pl_module, self.model_attr)
+        model = module_model(pl_module, self.model_attr)
         sharding.check_strategy(trainer, f"HistoryModel(mode={self.mode!r})", needs_weights=self._needs_weights(model))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start, not on_fit_start: it runs after the checkpoint is restored for every strategy (FSDP and
         # DeepSpeed restore after on_fit_start).
-        model = hf_model(pl_module, self.model_attr)
+        model = module_model(pl_module, self.model_attr)
         self._sharded = sharding.is_sharded(model)
         if self._pending is not None:
             if self._pending.get("weights_in") == "distributed_checkpoint":
@@ -129,23 +129,39 @@ class HistoryModel(Callback):
         self._cache = self._rows = None
         if trainer.global_step <= self._last_step or self._weights is None:
             return  # no optimizer step since the last update (gradient accumulation), or nothing to update
-        model = hf_model(pl_module, self.model_attr)
+        if not self.should_update(trainer.global_step):
+            self._last_step = trainer.global_step
+            return
+        model = module_model(pl_module, self.model_attr)
         current = dict(self._trainable(model))
         names = list(self._weights)
+        decay = float(self.decay(trainer.global_step))
         with torch.no_grad():
-            if self.mode == "ema":
-                # float32 history of low-precision weights: one tensor at a time (no full-model float copy)
-                same = [n for n in names if current[n].dtype == self._weights[n].dtype]
-                if same:
-                    get_ema_multi_avg_fn(self.ema_decay)(
-                        [self._weights[n] for n in same], [current[n].detach() for n in same], None
-                    )
-                for n in set(names).difference(same):
-                    self._weights[n].lerp_(current[n].detach().float(), 1.0 - self.ema_decay)
-            elif self.mode == "snapshot" and trainer.global_step % self.snapshot_every == 0:
+            if decay == 0.0:  # a snapshot: θ_h ← θ
                 for n in names:
                     self._weights[n].copy_(current[n].detach())
+            else:  # θ_h ← d·θ_h + (1 − d)·θ; a float32 history of low-precision weights one tensor at a time
+                same = [n for n in names if current[n].dtype == self._weights[n].dtype]
+                if same:
+                    get_ema_multi_avg_fn(decay)([self._weights[n] for n in same], [current[n].detach() for n in same], None)
+                for n in set(names).difference(same):
+                    self._weights[n].lerp_(current[n].detach().float(), 1.0 - decay)
         self._last_step = trainer.global_step
+
+    def should_update(self, step: int) -> bool:
+        """Whether the history moves after optimizer step ``step`` — the one update rule is
+        ``θ_h ← d·θ_h + (1 − d)·θ`` with ``d = decay(step)``: ``base`` never, ``snapshot`` every ``snapshot_every``
+        steps with d = 0, ``ema`` every step with d = ``ema_decay``. Override this (and ``decay``) in a subclass for
+        a schedule of your own, as Lightning's ``WeightAveraging.should_update``."""
+        if self.mode == "base":
+            return False
+        if self.mode == "snapshot":
+            return step % self.snapshot_every == 0
+        return True
+
+    def decay(self, step: int) -> float:
+        """``d`` of the update after optimizer step ``step``: 0 (a copy) for a snapshot, ``ema_decay`` for the EMA."""
+        return self.ema_decay if self.mode == "ema" else 0.0
 
     # ------------------------------------------------------------------ the provided quantity
     @contextlib.contextmanager
@@ -194,7 +210,7 @@ class HistoryModel(Callback):
         return self._rows[2]
 
     def _forward(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor], with_rows: bool = False):
-        model = hf_model(pl_module, self.model_attr)
+        model = module_model(pl_module, self.model_attr)
         was_training = model.training
         model.eval()
         try:  # in the training step's precision (autocast), or REL would carry its rounding
@@ -236,7 +252,7 @@ class HistoryModel(Callback):
         if not (self._sharded and self._weights is not None):
             return
         state = checkpoint["callbacks"][self.state_key]
-        params = sharding.named_parameters(hf_model(pl_module, self.model_attr))
+        params = sharding.named_parameters(module_model(pl_module, self.model_attr))
         shards = {n: sharding.as_dtensor_like(params[n], w) for n, w in self._weights.items()}
         if getattr(trainer.strategy, "_save_distributed_checkpoint", True):
             checkpoint["state_dict"].update({sharding.HISTORY_PREFIX + n: t for n, t in shards.items()})

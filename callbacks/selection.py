@@ -167,7 +167,7 @@ class TokenSelection(Callback):
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_dir = trainer.log_dir  # on every rank: under DDP, log_dir is a collective call
-        sharding.check_loss_normalization(trainer, self.loss_normalization, "TokenSelection.loss_normalization")
+        sharding.check_step_mean_supported(trainer, self.loss_normalization, "TokenSelection.loss_normalization")
         providers: dict[str, Any] = {}
         for cb in trainer.callbacks:
             for name in getattr(cb, "provides", ()):

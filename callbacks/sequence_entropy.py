@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import _CHUNK_ELEMENTS
-from sstoken_pl.models import fused_head_problem, hf_model
+from sstoken_pl.models import fused_head_problem, unwrap
 
 
 def attended_positions(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -78,7 +78,7 @@ class SequenceEntropy(Callback):
                 f"SequenceEntropy: {type(pl_module).__name__}.{self.model_attr} is not a Hugging Face model (got "
                 f"{type(model).__name__}); set SequenceEntropy(model_attr=...) to the attribute that holds it"
             )
-        base = hf_model(model)
+        base = unwrap(model)
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         if decoder is None or head is None or decoder is base:

@@ -25,6 +25,7 @@ from torch import nn
 
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import IGNORE_INDEX
+from sstoken_pl.models import unwrap
 
 #: The name of the probing attention function in ``transformers.AttentionInterface``.
 PROBE_IMPLEMENTATION = "sstoken_prompt_probe"
@@ -178,12 +179,6 @@ def check_chunk_size(chunk_size: Any, what: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- model plumbing
-def _base_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside ``model`` (unwraps a peft ``PeftModel``)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _attention_of(layer: nn.Module) -> nn.Module | None:
     """The self-attention module of a decoder layer: an ``*Attention*`` module with ``layer_idx`` and ``config``."""
     for module in layer.modules():
@@ -199,7 +194,7 @@ def decoder_attentions(model: nn.Module) -> list[nn.Module]:
     (Llama, Qwen2, Mistral, Gemma and most ``transformers`` decoders); when several lists qualify, the one with
     ``num_hidden_layers`` elements.
     """
-    base = _base_model(model)
+    base = unwrap(model)
     stacks: list[tuple[str, list[nn.Module]]] = []
     for name, module in base.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0:

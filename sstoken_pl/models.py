@@ -162,8 +162,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- row logits
-def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face model inside ``model`` (unwraps a peft ``PeftModel``)."""
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside ``model`` (unwraps a peft ``PeftModel``; any other model is returned as it is).
+    The one helper for this: ``sstoken_pl.attention`` and ``sstoken_pl.sharding`` use it too."""
     return model.get_base_model() if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else model
 
 
@@ -177,7 +178,7 @@ def supports_row_logits(model: torch.nn.Module) -> bool:
     Decided once per model class, from its forward's source."""
     import inspect
 
-    base = hf_model(model)
+    base = unwrap(model)
     cls = type(base)
     if cls not in _ROW_LOGITS:
         try:
@@ -199,7 +200,7 @@ def fused_head_problem(model: torch.nn.Module) -> str | None:
     like change them: decided from the forward's source)."""
     import inspect
 
-    base = hf_model(model)
+    base = unwrap(model)
     cls = type(base)
     if not supports_row_logits(model):
         return f"{cls.__name__} does not take a boolean logits_to_keep (transformers ≥ 5 causal LMs do)"
@@ -247,7 +248,7 @@ def response_logits(
     problem = fused_head_problem(model)
     if problem is not None:
         raise ConfigError(f"model.fused_cross_entropy={fused}: {problem}; set model.fused_cross_entropy: null")
-    base = hf_model(model)
+    base = unwrap(model)
     head = base.get_output_embeddings()
     kwargs["logits_to_keep"] = prediction_mask(batch["labels"])
     head.forward = _identity  # this one call: the "logits" the model returns are the hidden rows

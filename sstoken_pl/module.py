@@ -319,7 +319,7 @@ def check_fit_settings(module: "SFTModule", trainer: pl.Trainer) -> None:
         if problem is not None:
             raise ConfigError(f"{what}: {problem}; set model.fused_cross_entropy: null")
     if token_selector(module) is None:  # with a TokenSelection, its own loss_normalization applies (checked there)
-        sharding.check_loss_normalization(trainer, module.loss_normalization, "model.loss_normalization")
+        sharding.check_step_mean_supported(trainer, module.loss_normalization, "model.loss_normalization")
     rows = sharding.num_rows(model.get_input_embeddings().weight, model)  # DTensor / ZeRO-3 placeholders alike
     tokenizer = module.tokenizer
     if tokenizer is not None and len(tokenizer) > rows:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sstoken_pl.errors import ConfigError
+from sstoken_pl.models import unwrap
 
 # Prefix of the history weights inside a distributed checkpoint's ``state_dict`` (never a model key).
 HISTORY_PREFIX = "_sstoken_history."
@@ -102,7 +103,7 @@ def data_parallel_mesh(strategy: Any, pl_module: Any = None):
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a Hugging Face model (plain or peft-wrapped): the modules of the classes it names
     in ``_no_split_modules``, else the longest ``nn.ModuleList``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     names = set(getattr(base, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if layers:
@@ -128,7 +129,7 @@ def shard_model(model: nn.Module, mesh, reshard_root: Optional[bool] = None) -> 
         fully_shard(layer, mesh=mesh)
     # The root is the Hugging Face model itself, also inside a peft wrapper (which holds no parameters of its own):
     # peft's generate() calls the inner model directly, and the root's hooks must run on every forward.
-    root = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+    root = unwrap(model)
     if reshard_root is None:
         fully_shard(root, mesh=mesh)
     else:
@@ -266,7 +267,7 @@ def check_strategy(trainer: Any, what: str, needs_weights: bool) -> None:
         )
 
 
-def check_loss_normalization(trainer: Any, value: str, key: str) -> None:
+def check_step_mean_supported(trainer: Any, value: str, key: str) -> None:
     """``loss_normalization: step`` rescales ``p.grad`` before the optimizer step; DeepSpeed's engine keeps the
     gradients in its own buffers (and averages accumulation itself), so the rescale would not reach them and the
     loss would silently become a sum."""
@@ -316,8 +317,8 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def unsharded_copy(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A plain CPU model of ``model``'s architecture (peft wrapper included) holding ``state``, built on the meta
     device and filled by assignment: no second copy of the weights."""
-    peft = hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-    base = model.get_base_model() if peft else model
+    peft = unwrap(model) is not model
+    base = unwrap(model)
     with torch.device("meta"):
         fresh = type(base)(base.config)
     if peft:

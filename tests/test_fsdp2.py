@@ -159,9 +159,9 @@ def test_history_weights_refused_where_they_cannot_follow_the_parameters(strateg
 
 def test_step_normalization_refused_under_deepspeed():
     with pytest.raises(ConfigError, match="micro_batch"):
-        sharding.check_loss_normalization(_trainer("DeepSpeedStrategy", 2), "step", "TokenSelection.loss_normalization")
-    sharding.check_loss_normalization(_trainer("DeepSpeedStrategy", 2), "micro_batch", "x")
-    sharding.check_loss_normalization(_trainer("DDPStrategy"), "step", "x")
+        sharding.check_step_mean_supported(_trainer("DeepSpeedStrategy", 2), "step", "TokenSelection.loss_normalization")
+    sharding.check_step_mean_supported(_trainer("DeepSpeedStrategy", 2), "micro_batch", "x")
+    sharding.check_step_mean_supported(_trainer("DDPStrategy"), "step", "x")
 
 
 @pytest.mark.parametrize("strategy, stage", [("FSDPStrategy", None), ("DeepSpeedStrategy", 3)])

@@ -109,6 +109,27 @@ def test_snapshot_cadence(tiny_llama):
         assert not torch.equal(w, recorder.steps[4][n])
 
 
+def test_a_schedule_of_your_own_overrides_should_update_and_decay(tiny_llama):
+    """One update rule θ_h ← d·θ_h + (1 − d)·θ: a subclass moves the history after even steps only, with d = 0.5."""
+
+    class EvenSteps(HistoryModel):
+        def should_update(self, step):
+            return step % 2 == 0
+
+        def decay(self, step):
+            return 0.5
+
+    initial = {n: p.detach().clone() for n, p in tiny_llama.named_parameters()}
+    history, recorder = EvenSteps(mode="ema"), Recorder()
+    trainer(max_steps=5, callbacks=[history, recorder]).fit(ForeignModule(tiny_llama, lr=0.5), loader(random_batches(5)))
+    expected = initial
+    for step, weights in enumerate(recorder.steps, 1):
+        if step % 2 == 0:
+            expected = {n: 0.5 * expected[n] + 0.5 * weights[n] for n in expected}
+    for n, w in history._weights.items():
+        torch.testing.assert_close(w, expected[n], atol=1e-6, rtol=1e-5)
+
+
 def test_snapshot_counts_optimizer_steps_under_gradient_accumulation(tiny_llama):
     history, recorder = HistoryModel(mode="snapshot", snapshot_every=1), Recorder()
     module = ForeignModule(tiny_llama, lr=0.5)

@@ -8,7 +8,7 @@ from sstoken_pl.callbacks import SequenceEntropy
 from sstoken_pl.callbacks.sequence_entropy import attended_positions, entropy_at
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import per_token_nll
-from sstoken_pl.models import hf_model
+from sstoken_pl.models import unwrap
 from tests.helpers import ForeignModule, loader, random_batches, trainer
 from tests.test_methods_training import Spy
 
@@ -84,7 +84,7 @@ def test_mask_meets_the_batch_budget_by_dropping_the_highest_smoothed_ppl(sample
 def test_sequence_entropy_matches_the_full_logits(tiny_llama):
     batch = random_batches(1, batch_size=3)[0]
     hidden = {}
-    base = hf_model(tiny_llama)
+    base = unwrap(tiny_llama)
     h = base.get_decoder().register_forward_hook(lambda m, a, o: hidden.update(h=o.last_hidden_state))
     with torch.no_grad():
         logits = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
