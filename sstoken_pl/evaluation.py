@@ -1,5 +1,6 @@
 """``AnswerAccuracy``: exact-match accuracy of the final answer, by greedy generation, before and after ``fit``; and
-the retention measures (``sstoken_pl.retention``) before and after ``fit``."""
+the retention measures (``sstoken_pl.retention``) before and after ``fit``. ``eval_problems``: the held-out problems
+of an ``SFTDataModule`` that the accuracy is measured on."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -15,11 +16,55 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from sstoken_pl import sharding
-from sstoken_pl.data import extract_final_answer
-from sstoken_pl.errors import ConfigError
+from sstoken_pl.data import extract_final_answer, load_splits
+from sstoken_pl.errors import ConfigError, DataError
 from sstoken_pl.retention import FitRetention, RetentionConfig
+from sstoken_pl.templates import prompt_ids
+
+if TYPE_CHECKING:
+    from sstoken_pl.data import SFTDataModule
 
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def eval_problems(
+    datamodule: SFTDataModule, limit: Optional[int] = None, split: str = "validation"
+) -> list[dict[str, Any]]:
+    """The held-out problems of ``datamodule`` for generation-based accuracy, in file order: ``{"prompt_ids",
+    "prompt", "answer", "index"}`` (``SFTDataModule.eval_problems``).
+
+    ``split``: ``validation`` — what the module validates on (the source's validation split, else its test
+    split, else the held-out share; the synthetic task's validation problems); ``test`` — the source's test
+    split (a file or folder with a ``test*`` file). ``prompt_ids`` prompts the model for the last assistant
+    turn; ``prompt`` is that turn's user message; ``answer`` is the gold final answer (the synthetic task's
+    number, the text after GSM8K's ``####`` without commas, else the whole reference response).
+    """
+    if split not in ("validation", "test"):
+        raise ConfigError(f"split must be 'validation' or 'test', got {split!r}")
+    if datamodule.tokenizer is None:
+        datamodule.tokenizer = datamodule._resolve_tokenizer()
+    if split == "validation":
+        samples = datamodule.val_samples or datamodule._load_samples()[1]  # no tokenising of the training data
+    else:
+        if datamodule.path is None:
+            raise DataError("the built-in synthetic task has no test split; use split 'validation'")
+        splits = load_splits(datamodule.path, datamodule.hub_config)
+        if "test" not in splits:
+            raise DataError(f"{datamodule.path}: no test split (only {sorted(splits)}); name a file test*.jsonl")
+        samples = datamodule._samples(splits["test"], f"test ({datamodule.path})")
+    if not samples:
+        raise DataError("the held-out split is empty")
+    problems = []
+    for sample in samples[:limit]:
+        messages = sample["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        problems.append({
+            "prompt_ids": prompt_ids(messages[:last], datamodule.tokenizer),
+            "prompt": messages[last - 1]["content"] if last else "",
+            "answer": sample["answer"],
+            "index": sample["index"],
+        })
+    return problems
 
 
 def answers_match(predicted: Optional[str], gold: str) -> bool:
