@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -13,11 +13,19 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import per_token_nll, response_rows, training_precision
+from sstoken_pl.loss import per_token_nll, response_mask, response_rows, training_precision
 from sstoken_pl.models import response_logits
 from sstoken_pl.token_cache import SampleCache
 
 Mode = Literal["base", "snapshot", "ema"]
+
+
+def _index(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    """The batch's sample indices, which a score store is read by."""
+    index = batch.get("index")
+    if index is None:
+        raise ConfigError(f"{key}: the batches carry no 'index' (SFTDataModule's do), so stored scores cannot be read")
+    return index
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
@@ -47,6 +55,9 @@ class HistoryModel(Callback):
         ema_decay: α of the EMA, in [0, 1).
         snapshot_every: optimizer steps between snapshot refreshes (≥ 1).
         model_attr: the attribute of the LightningModule that holds the Hugging Face model.
+        scores: ``base`` mode only: a score store of the base model (``python -m sstoken_pl score``) to read each
+            batch's NLL from, by ``batch["index"]``, with no forward (and, without LoRA, no copy of the weights);
+            refused when it was made for another model, data, tokenizer, template, length or precision.
         cache: ``base`` mode only: keep each training sample's history NLL (CPU, 4 bytes per response token) so
             that later epochs skip the extra forward (``sstoken_pl.token_cache``; needs ``batch["index"]``, which
             ``SFTDataModule`` provides).
@@ -68,6 +79,7 @@ class HistoryModel(Callback):
         snapshot_every: int = 100,
         model_attr: str = "model",
         cache: bool = True,
+        scores: Optional[str] = None,
     ) -> None:
         if mode not in ("base", "snapshot", "ema"):
             raise ConfigError(f"HistoryModel.mode must be 'base', 'snapshot' or 'ema', got {mode!r}")
@@ -79,6 +91,10 @@ class HistoryModel(Callback):
         self.ema_decay = float(ema_decay)
         self.snapshot_every = int(snapshot_every)
         self.model_attr = model_attr
+        if scores is not None and mode != "base":
+            raise ConfigError(f"HistoryModel.scores holds a fixed model's values: only mode base reads it, not {mode!r}")
+        self.scores = scores
+        self._store = None
         self._weights: dict[str, torch.Tensor] | None = None  # history values of the trainable parameters
         self._last_step = 0  # trainer.global_step at the last update
         self._pending: dict[str, Any] | None = None  # state loaded from a checkpoint, applied at fit start
@@ -90,6 +106,11 @@ class HistoryModel(Callback):
 
     # ------------------------------------------------------------------ setup
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.scores is not None:  # the base model's values from a store: checked against this run, no forward
+            from sstoken_pl.score_store import check_store, run_fingerprint
+
+            fingerprint = run_fingerprint(pl_module, trainer.datamodule, trainer.precision, "base")
+            self._store = check_store(self.scores, fingerprint, "HistoryModel.scores")
         model = module_model(pl_module, self.model_attr)
         sharding.check_strategy(trainer, f"HistoryModel(mode={self.mode!r})", needs_weights=self._needs_weights(model))
 
@@ -115,7 +136,7 @@ class HistoryModel(Callback):
         return tensor.float().clone() if self.mode == "ema" and tensor.is_floating_point() else tensor.clone()
 
     def _needs_weights(self, model: torch.nn.Module) -> bool:
-        return not (self.mode == "base" and is_peft_model(model))
+        return not (self.mode == "base" and (is_peft_model(model) or self.scores is not None))
 
     @staticmethod
     def _trainable(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -191,6 +212,10 @@ class HistoryModel(Callback):
             return self._cache[1]
         if self._rows is not None and self._rows[0] is key:
             return self._rows[1]
+        if self._store is not None:
+            nll = self._store.lookup(_index(batch, "HistoryModel.scores"), response_mask(batch["labels"]))
+            self._cache = (key, nll)
+            return nll
         if self._samples is not None:  # base history: the same values every epoch (FSDP2: all ranks hit or none)
             compute = lambda: self._forward(pl_module, batch)  # noqa: E731
             nll = self._samples.fetch(batch, compute, lambda hit: sharding.everywhere(hit, self._sharded))
@@ -204,6 +229,8 @@ class HistoryModel(Callback):
         """``[N, V]``: the history model's logits at the rows that predict a response token of this batch (no grad,
         eval mode, the model's dtype); with its NLL from the same forward. Kept until the batch ends."""
         key = batch["input_ids"]
+        if self._store is not None:
+            raise ConfigError("HistoryModel.scores holds per-token NLL only; history_logits (asft) needs the model: drop scores")
         if self._rows is None or self._rows[0] is not key:
             nll, rows = self._forward(pl_module, batch, with_rows=True)
             self._rows = (key, nll, rows)

@@ -50,6 +50,10 @@ class ReferenceModel(Callback):
         cache: keep each training sample's reference NLL (CPU, 4 bytes per response token) for the rest of the
             fit, so that later epochs (and the first, after TokenCleaning's scoring pass) skip the reference
             forward (``sstoken_pl.token_cache``; needs ``batch["index"]``, which ``SFTDataModule`` provides).
+        scores: a score store of the reference (``python -m sstoken_pl score --source <path>``) to read each batch's
+            NLL from, by ``batch["index"]``: no model is loaded and no forward runs. ``path`` may then be left out;
+            given, it must be the store's source. Refused when the store was made for other data, tokenizer,
+            template, length or precision.
 
     The model is loaded at fit start onto the trained model's device and freed at teardown. Its weights are not
     saved in checkpoints (they are frozen and reloaded from ``path``); the path is, and a resume with another path
@@ -60,16 +64,21 @@ class ReferenceModel(Callback):
 
     def __init__(
         self,
-        path: str,
+        path: Optional[str] = None,
         gguf_file: Optional[str] = None,
         dtype: Optional[str] = None,
         model_attr: str = "model",
         check_tokenizer: bool = True,
         cache: bool = True,
+        scores: Optional[str] = None,
     ) -> None:
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"ReferenceModel.path must be a model path or name, got {path!r}")
-        missing = missing_local_path(path)
+        self.scores = scores
+        self._store = None
+        if path is None and scores is not None:
+            path = ""
+        elif not isinstance(path, str) or not path:
+            raise ConfigError(f"ReferenceModel.path must be a model path or name (or give scores), got {path!r}")
+        missing = missing_local_path(path) if path else None
         if missing:
             raise ConfigError(
                 f"ReferenceModel.path={path!r}: no such folder ({missing}). Train the reference first (README, "
@@ -88,6 +97,9 @@ class ReferenceModel(Callback):
 
     # ------------------------------------------------------------------ life cycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.scores is not None:
+            self._store = self._open_store(trainer, pl_module)
+            return
         trained = getattr(pl_module, self.model_attr, None)
         if not isinstance(trained, torch.nn.Module):
             raise ConfigError(
@@ -115,6 +127,18 @@ class ReferenceModel(Callback):
         else:
             self.model = model.to(param.device).eval()
         rank_zero_info(f"ReferenceModel: loaded {source}")
+
+    def _open_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        from sstoken_pl.score_store import ScoreStore, check_store, run_fingerprint
+
+        stored = ScoreStore(self.scores).fingerprint
+        if "reference" not in (stored.get("model") or {}):
+            raise ConfigError(f"ReferenceModel.scores: {self.scores} holds a base model's scores, not a reference's")
+        fingerprint = run_fingerprint(pl_module, trainer.datamodule, trainer.precision,
+                                      find_exported_model(self.path) if self.path else stored["model"]["reference"])
+        if not self.path:  # the store names its reference: everything else is checked against this run
+            fingerprint["model"] = stored["model"]
+        return check_store(self.scores, fingerprint, "ReferenceModel.scores")
 
     def _check_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: str, where: str) -> None:
         ours = getattr(pl_module, "tokenizer", None) or getattr(trainer.datamodule, "tokenizer", None)
@@ -151,6 +175,13 @@ class ReferenceModel(Callback):
         key = batch["input_ids"]
         if self._cache is not None and self._cache[0] is key:
             return self._cache[1]
+        if self._store is not None:
+            from sstoken_pl.callbacks.history import _index
+            from sstoken_pl.loss import response_mask
+
+            nll = self._store.lookup(_index(batch, "ReferenceModel.scores"), response_mask(batch["labels"]))
+            self._cache = (key, nll)
+            return nll
         if self.model is None:
             raise RuntimeError("ReferenceModel: no model loaded (it is loaded at fit start)")
         if self.cache and self._samples is None:

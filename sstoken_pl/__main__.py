@@ -5,6 +5,10 @@ if __name__ == "__main__":
         from sstoken_pl.eval_cli import main as evaluate
 
         evaluate(sys.argv[2:])
+    elif sys.argv[1:2] == ["score"]:
+        from sstoken_pl.score_cli import main as score
+
+        score(sys.argv[2:])
     else:
         from sstoken_pl.cli import main
 

@@ -36,13 +36,25 @@ def check_gamma(gamma: float, name: str = "gamma") -> float:
     return float(gamma)
 
 
-def minmax_per_sample(values: torch.Tensor, response_mask: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Min-max normalise each sample over its response positions: ``(x − min) / (max − min + eps)``; 0 elsewhere."""
+# REL spreads up to this (nats) within a sample are ties, not a ranking: the float rounding between two forwards of the
+# same weights in other batch layouts (a score store, a cache filled in another epoch) is ~1e-7 in float32 and more
+# under bf16, and the per-sample min-max would blow it up to [0, 1]. Real REL spreads after a step are ≥ 1e-2.
+REL_TIE = 1e-4
+
+
+def minmax_per_sample(
+    values: torch.Tensor, response_mask: torch.Tensor, eps: float = EPS, tie: float = 0.0
+) -> torch.Tensor:
+    """Min-max normalise each sample over its response positions: ``(x − min) / (max − min + eps)``; 0 elsewhere.
+    A sample whose values span no more than ``tie`` is all ties (0 everywhere): its spread is rounding, not a
+    ranking."""
     values = values.float()
     big = torch.finfo(values.dtype).max
     lo = torch.where(response_mask, values, big).amin(dim=1, keepdim=True)
     hi = torch.where(response_mask, values, -big).amax(dim=1, keepdim=True)
     out = (values - lo) / (hi - lo + eps)
+    if tie > 0:
+        out = torch.where(hi - lo <= tie, 0.0, out)
     return torch.where(response_mask, out, 0.0)
 
 
@@ -56,7 +68,8 @@ def sstoken_scores(
     """ssToken's score ``gamma · minmax(history_loss − token_loss) + (1 − gamma) · attention_score`` (``[B, T]``).
 
     ``token_loss`` is the current model's per-token NLL (detached here), ``history_loss`` the history model's.
-    The min-max is per sample over its response positions (ε = 1e-8). Non-response positions score 0.
+    The min-max is per sample over its response positions (ε = 1e-8; a REL spread ≤ ``REL_TIE`` is all ties).
+    Non-response positions score 0.
     ``history_loss`` may be None when ``gamma == 0`` and ``attention_score`` None when ``gamma == 1``.
     """
     check_gamma(gamma)
@@ -65,7 +78,7 @@ def sstoken_scores(
         if history_loss is None:
             raise ValueError("sstoken_scores: gamma > 0 needs history_loss")
         rel = history_loss.float() - token_loss.detach().float()
-        score = score + gamma * minmax_per_sample(rel, response_mask)
+        score = score + gamma * minmax_per_sample(rel, response_mask, tie=REL_TIE)
     if gamma < 1:
         if attention_score is None:
             raise ValueError("sstoken_scores: gamma < 1 needs attention_score")
