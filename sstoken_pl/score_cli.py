@@ -90,6 +90,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--batch_size", type=int, default=None, help="scoring batch size (default: data.batch_size)")
     args, rest = parser.parse_known_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")  # Lightning's predict loop
     try:
         cli = SSTokenCLI(
             SFTModule, SFTDataModule, parser_class=_Parser, run=False, save_config_callback=None,

@@ -126,3 +126,32 @@ def test_an_interrupted_pass_resumes_to_the_same_store(tmp_path, base_store):
     assert b.complete and len(b) == 48
     for i in range(48):
         np.testing.assert_allclose(a.values(i), b.values(i), atol=1e-5, rtol=1e-5)  # other batches: rounding
+
+
+def test_reference_scores_replace_the_reference_forward(tmp_path):
+    """Rho-1 reading the reference's store equals Rho-1 with the reference model loaded (and no model is loaded)."""
+    from sstoken_pl.models import load_causal_lm, tiny_llama_config
+
+    reference = tmp_path / "reference"
+    load_causal_lm(config=tiny_llama_config(eos_token_id=4), seed=1).save_pretrained(reference)
+    store = tmp_path / "scores"
+    run = cli("score", "--config", "configs/tiny.yaml", *DATA, "--source", str(reference), "--out", str(store))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert ScoreStore(str(store)).fingerprint["model"]["reference"] == str(reference)
+    results = []
+    for args in ({"path": str(reference)}, {"scores": str(store)}):
+        config = {"trainer": {"callbacks+": [
+            {"class_path": "sstoken_pl.callbacks.ReferenceModel", "init_args": {**args, "check_tokenizer": False}},
+            {"class_path": "sstoken_pl.callbacks.TokenSelection", "init_args": {"method": "rho1", "ratio": 0.5}},
+        ]}}
+        method = tmp_path / f"rho1_{next(iter(args))}.yaml"
+        method.write_text(yaml.safe_dump(config))
+        run, root = _fit(tmp_path, str(method))
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert ("ReferenceModel: loaded" in run.stderr) == ("path" in args), "with scores no model is loaded"
+        (metrics,) = glob.glob(str(root / "lightning_logs" / "*" / "metrics.csv"))
+        rows = [r for r in csv.DictReader(open(metrics)) if r.get("selection/kept_fraction")]
+        results.append([(float(r["selection/kept_fraction"]), float(r["train/loss"])) for r in rows])
+    assert len(results[0]) == 3
+    for loaded, stored in zip(*results):
+        assert loaded[0] == stored[0] and loaded[1] == pytest.approx(stored[1], rel=1e-5)
