@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-
-import json
-import os
 from typing import Any, Literal, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sstoken_pl import selection, sharding
@@ -20,6 +16,7 @@ from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_n
 from sstoken_pl.loss import response_mask as response_positions
 from sstoken_pl.models import response_logits
 from sstoken_pl.methods import CURRENT_INPUTS, PROVIDERS, RULES, get_method, resolve_options
+from sstoken_pl.callbacks.selection_samples import render_selection, write_samples  # noqa: F401 (public name)
 from sstoken_pl.objectives import get_objective, resolve_objective_options
 
 Rule = Literal["sample_top", "batch_top", "global_threshold", "weights", "all"]
@@ -428,30 +425,7 @@ class TokenSelection(Callback):
         tokenizer = getattr(pl_module, "tokenizer", None) or getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is None:
             return
-        ids, resp, kept, index, noise = last
-        rows = [b for b in range(ids.shape[0]) if resp[b].any()][: self.num_log_samples]
-        body = f"step {trainer.global_step}\n" + "\n---\n".join(
-            render_selection(tokenizer, ids[b], resp[b], kept[b]) for b in rows
-        )
-        logger = trainer.logger
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_text("selection/samples", body.replace("\n", "  \n"), trainer.global_step)
-        if self._log_dir is None:
-            return
-        os.makedirs(self._log_dir, exist_ok=True)
-        if not isinstance(logger, TensorBoardLogger):
-            with open(os.path.join(self._log_dir, "selection_samples.txt"), "a", encoding="utf-8") as f:
-                f.write(body + "\n\n")
-        with open(os.path.join(self._log_dir, "selection_samples.jsonl"), "a", encoding="utf-8") as f:
-            for b in rows:
-                positions = resp[b].nonzero().flatten().tolist()
-                f.write(json.dumps({
-                    "step": trainer.global_step,
-                    "index": int(index[b]) if index is not None else b,
-                    "tokens": [tokenizer.decode([int(ids[b, p])]) for p in positions],
-                    "kept": [int(kept[b, p]) for p in positions],
-                    "noise": [int(noise[b, p]) for p in positions] if noise is not None else None,
-                }) + "\n")
+        write_samples(trainer, tokenizer, last, self.num_log_samples, self._log_dir)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -488,32 +462,3 @@ class TokenSelection(Callback):
         changed = {k: (v, getattr(self, k)) for k, v in settings.items() if getattr(self, k, v) != v}
         if changed:
             rank_zero_warn(f"TokenSelection: resuming with other settings than the checkpoint's (was, now): {changed}")
-
-
-def render_selection(tokenizer: Any, input_ids: torch.Tensor, response: torch.Tensor, kept: torch.Tensor) -> str:
-    """The response of one sample as text, dropped tokens wrapped as ``[-token-]``."""
-    pieces: list[str] = []
-    dropped_run: list[int] = []
-    kept_run: list[int] = []
-
-    def flush() -> None:
-        if kept_run:
-            pieces.append(tokenizer.decode(kept_run))
-            kept_run.clear()
-        if dropped_run:
-            pieces.append("[-" + tokenizer.decode(dropped_run) + "-]")
-            dropped_run.clear()
-
-    for tok, is_resp, is_kept in zip(input_ids.tolist(), response.tolist(), kept.tolist()):
-        if not is_resp:
-            continue
-        if is_kept:
-            if dropped_run:
-                flush()
-            kept_run.append(tok)
-        else:
-            if kept_run:
-                flush()
-            dropped_run.append(tok)
-    flush()
-    return "".join(pieces)
