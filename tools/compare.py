@@ -83,7 +83,8 @@ def method_name(method: str) -> str:
     return os.path.splitext(os.path.basename(method))[0] if method.endswith((".yaml", ".yml")) else method
 
 
-def method_config(path: str, seed: int, save_dir: str, reference: str | None, log_samples_every: int) -> dict:
+def method_config(path: str, seed: int, save_dir: str, reference: str | None, log_samples_every: int,
+                  scores: dict | None = None) -> dict:
     """The method config ``path`` (see ``method_file``) with a CSV logger into ``save_dir``, a step timer, the seed of
     the selection's draws, the samples log, and the reference path filled in."""
     with open(path) as f:
@@ -93,16 +94,50 @@ def method_config(path: str, seed: int, save_dir: str, reference: str | None, lo
             sys.exit(f"error: {path} is not valid YAML: {e}")
     if not isinstance(config, dict):
         sys.exit(f"error: {path}: a method config is a mapping (trainer: callbacks+: [...]), got {type(config).__name__}")
-    return with_logging(config, seed, save_dir, reference, log_samples_every)
+    return with_logging(config, seed, save_dir, reference, log_samples_every, scores)
 
 
-def with_logging(config: dict, seed: int, save_dir: str, reference: str | None, log_samples_every: int) -> dict:
-    """``config`` (a method config's mapping; ``{}`` for the reference run) as ``method_config`` describes it."""
+def stores_used(config: dict) -> set[str]:
+    """Which fixed-model stores a method config can read: ``base`` (a ``HistoryModel`` of mode base, unless its
+    objective needs the history's logits, as ``asft`` does) and ``reference`` (a ``ReferenceModel``)."""
+    callbacks = (config.get("trainer") or {}).get("callbacks+") or []
+    kinds = set()
+    for cb in callbacks:
+        name, args = cb["class_path"].rsplit(".", 1)[-1], cb.get("init_args") or {}
+        if name == "ReferenceModel":
+            kinds.add("reference")
+        if name == "HistoryModel" and args.get("mode", "base") == "base" and not needs_history_logits(callbacks):
+            kinds.add("base")
+    return kinds
+
+
+def needs_history_logits(callbacks: list) -> bool:
+    sys.path.insert(0, ROOT)
+    from sstoken_pl.methods import get_method
+    from sstoken_pl.objectives import get_objective
+
+    for cb in callbacks:
+        if cb["class_path"].endswith("TokenSelection"):
+            args = cb.get("init_args") or {}
+            objective = args.get("objective") or get_method(args.get("method", "sstoken")).objective
+            return "history_logits" in get_objective(objective).provider_inputs
+    return False
+
+
+def with_logging(config: dict, seed: int, save_dir: str, reference: str | None, log_samples_every: int,
+                 scores: dict | None = None) -> dict:
+    """``config`` (a method config's mapping; ``{}`` for the reference run) as ``method_config`` describes it; with
+    ``scores`` (``--score-once``), its fixed models read their stores."""
     callbacks = list((config.get("trainer") or {}).get("callbacks+") or [])
+    use = stores_used(config) & set(scores or {})
     for cb in callbacks:
         args = cb.setdefault("init_args", {})
+        if cb["class_path"].endswith("HistoryModel") and "base" in use:
+            args["scores"] = scores["base"]
         if cb["class_path"].endswith("ReferenceModel"):
             args["path"] = reference
+            if "reference" in use:
+                args["scores"] = scores["reference"]
         if cb["class_path"].endswith("TokenSelection"):
             args["seed"] = seed
             args["log_samples_every"] = log_samples_every
@@ -319,6 +354,29 @@ def train_reference(args, base: list[str], ref_dir: str, out: str, tail: list[st
     return newest_model(ref_dir) or ref_dir
 
 
+def score_once(args, config: str, out: str, extra: list[str], reference: str | None, files: dict) -> dict:
+    """``--score-once``: one ``python -m sstoken_pl score`` pass per fixed model the methods use (the base model, the
+    reference), into ``<out>/scores/<kind>``; every method and seed then reads the store. Reused when complete."""
+    kinds: set[str] = set()
+    for path in files.values():
+        with open(path) as f:
+            kinds |= stores_used(yaml.safe_load(f) or {})
+    stores, passes = {}, 0
+    for kind in sorted(kinds):
+        store = os.path.join(out, "scores", kind)
+        stores[kind] = store
+        meta = os.path.join(store, "meta.json")
+        if os.path.isfile(meta) and json.load(open(meta)).get("complete"):
+            print(f"scores ({kind}): reusing {store}")
+            continue
+        source = ["--source", reference] if kind == "reference" else []
+        run([sys.executable, "-m", "sstoken_pl", "score", "--config", config, "--out", store] + source + extra, store,
+            args.dry_run)
+        passes += 1
+    print(f"scoring passes: {passes}")
+    return stores
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the model/data config (e.g. configs/quickstart.yaml)")
@@ -334,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra", default="", help="more `fit` arguments for every run, e.g. noise levels; a single one as --extra=\"--data.x=1\"")
     parser.add_argument("--reference-args", default=REFERENCE_ARGS, help=f"`fit` arguments of the reference run (default: {REFERENCE_ARGS})")
     parser.add_argument("--log-samples-every", type=int, default=10, help="log selection samples every N steps")
+    parser.add_argument("--score-once", action="store_true",
+                        help="score the base and reference models once (`python -m sstoken_pl score`) and let every run read the stores")
     parser.add_argument("--html-samples", type=int, default=4, help="training samples shown in samples.html")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each run's Lightning checkpoint (default: none is written; the exported hf_model is)")
@@ -373,6 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     if uses_reference and not args.report_only:
         reference = train_reference(args, base, ref_dir, out, no_ckpt + steps + extra)
 
+    scores = score_once(args, config, out, extra, reference, {m: f for m, f in files.items() if m != FULL_CLEAN}) \
+        if args.score_once and not args.report_only else None
+
     results: dict[str, dict[int, dict]] = {}
     first = True
     for seed in args.seeds:
@@ -395,7 +458,8 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             cfg_path = os.path.join(out, "configs", f"{method}_{folder}.yaml")
             with open(cfg_path, "w") as f:
-                yaml.safe_dump(method_config(files[method], seed, run_dir, reference, args.log_samples_every), f, sort_keys=False)
+                yaml.safe_dump(method_config(files[method], seed, run_dir, reference, args.log_samples_every, scores), f,
+                               sort_keys=False)
             cmd = base + ["--trainer.callbacks=[]", "--config", cfg_path, f"--seed_everything={seed}",
                           f"--trainer.default_root_dir={run_dir}", f"--eval.before={'true' if first else 'false'}"] + no_ckpt + steps + extra
             cmd += [] if args.dry_run else retention_base(out)
