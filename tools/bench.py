@@ -18,7 +18,8 @@ attention and ``output_attentions=True`` (every layer's ``[B, H, T, T]`` attenti
 logits at every position, and their separate base-model loss pass (precomputed offline in their code) counted as
 one no-grad forward per step. Extra rows: ``full_fused`` and ``sstoken_fused``, the same with the loss through a
 fused linear cross-entropy (``model.fused_cross_entropy``; ``--fused chunked|liger|cce``, default chunked), which
-never holds the ``[N, V]`` logits.
+never holds the ``[N, V]`` logits; ``sstoken_stored``, ``rho1_stored``, ``tokencleaning_stored``: the base history
+and the reference read from a score store (``python -m sstoken_pl score``) instead of their forwards.
 
 Reported per sequence length: median seconds per optimizer step, peak memory (CUDA: ``max_memory_allocated``;
 CPU: the process's resident set, sampled every millisecond during the method's timed steps, with glibc told to
@@ -52,7 +53,10 @@ sys.path.insert(0, ROOT)
 
 METHODS = ["full", "attn_only", "rel_only", "sstoken", "sstoken_cached", "sstoken_ema", "rho1", "authors"]
 FUSED = ["full_fused", "sstoken_fused"]  # extra rows: the loss through model.fused_cross_entropy (--fused)
-RATIO_LINES = [("sstoken", "full", "time"), ("attn_only", "full", "time"), ("sstoken", "full", "memory"), ("authors", "sstoken", "time")]
+STORED = ["sstoken_stored", "rho1_stored", "tokencleaning_stored"]  # extra rows: fixed models read from a score store
+RATIO_LINES = [("sstoken", "full", "time"), ("attn_only", "full", "time"), ("sstoken", "full", "memory"), ("authors", "sstoken", "time"),
+               ("sstoken_stored", "full", "time"), ("rho1_stored", "full", "time"), ("tokencleaning_stored", "full", "time")]
+_STORES: dict[str, str] = {}  # kind -> store directory of the current length's batches
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -127,6 +131,14 @@ def method_callbacks(method: str, reference: str) -> list:
         return []
     if method == "sstoken_fused":
         method = "sstoken"
+    if method in STORED:
+        callbacks = method_callbacks(method[: -len("_stored")], reference)
+        for cb in callbacks:
+            if type(cb).__name__ == "HistoryModel":
+                cb.scores = _STORES["base"]
+            if type(cb).__name__ == "ReferenceModel":
+                cb.scores = _STORES["reference"]
+        return callbacks
     if method == "sstoken_cached":
         if method not in _KEPT:
             _KEPT[method] = method_callbacks("sstoken", reference)
@@ -250,6 +262,39 @@ def run_method(
     return clock.times, clock.memory.peak if clock.memory else 0
 
 
+def make_stores(module, batches: list[dict], reference: str, root: str, accelerator: str) -> None:
+    """Score stores of these batches for the ``*_stored`` rows: the base model's NLL (with LoRA, adapters off) as
+    ``python -m sstoken_pl score`` writes it, under the fingerprint the timed runs compute (no datamodule, 32-true);
+    the reference is the exported base model, so its values are the same."""
+    import shutil
+
+    import torch
+
+    from sstoken_pl.loss import per_token_nll, response_mask
+    from sstoken_pl.models import find_exported_model, response_logits
+    from sstoken_pl.score_store import ScoreStore, run_fingerprint
+
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    model = module.model
+    was = model.training
+    model.eval()
+    rows = []
+    with torch.no_grad(), (model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()):
+        for batch in batches:
+            b = {k: v.to(device) for k, v in batch.items()}
+            nll = per_token_nll(response_logits(model, b), b["labels"]).cpu()
+            resp = response_mask(batch["labels"])
+            rows += [(int(i), nll[j][resp[j]].numpy()) for j, i in enumerate(batch["index"].tolist())]
+    model.train(was)
+    for kind, source in (("base", "base"), ("reference", find_exported_model(reference))):
+        path = os.path.join(root, kind)
+        shutil.rmtree(path, ignore_errors=True)
+        writer = ScoreStore.create(path, run_fingerprint(module, None, "32-true", source), len(rows))
+        writer.write(rows)
+        writer.finish()
+        _STORES[kind] = path
+
+
 @contextlib.contextmanager
 def warnings_quiet():
     import logging
@@ -305,8 +350,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each method's run")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the methods")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + FUSED,
-                        help=f"rows (default: {' '.join(METHODS)}; also {' '.join(FUSED)})")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + FUSED + STORED,
+                        help=f"rows (default: {' '.join(METHODS)}; also {' '.join(FUSED + STORED)})")
     parser.add_argument("--fused", default="chunked", choices=["chunked", "liger", "cce"],
                         help="the fused linear cross-entropy of the *_fused rows")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
@@ -330,8 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.cuda.get_device_name() if accelerator == "gpu" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"bench: {os.path.relpath(args.config, ROOT)}, {'LoRA' if lora else 'full fine-tuning'}, batch {args.batch_size}, "
           f"prompt share {args.prompt_share}, {args.rounds} rounds × {args.steps} timed steps per method, on {device}", flush=True)
-    with tempfile.TemporaryDirectory() as reference:
-        if "rho1" in args.methods:
+    with tempfile.TemporaryDirectory() as reference, tempfile.TemporaryDirectory() as stores_dir:
+        if {"rho1", "rho1_stored", "tokencleaning_stored"} & set(args.methods):
             from sstoken_pl.module import export_hf
 
             export_hf(module, reference)  # the base model (LoRA's initial update is zero) as the reference
@@ -339,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         for length in args.lengths:
             batches = make_batches(vocab, length, args.batch_size, args.prompt_share, args.warmup + args.steps)
             _KEPT.clear()
+            if set(STORED) & set(args.methods):  # the fixed models' values, scored before (not timed)
+                make_stores(module, batches, reference, stores_dir, accelerator)
             if "sstoken_cached" in args.methods:  # the first epoch: fills the cache, not timed
                 run_method(module, "sstoken_cached", batches, len(batches), reference, accelerator)
             results = {m: {"times": [], "peak": 0} for m in args.methods}
