@@ -10,7 +10,8 @@ Layout of a store directory:
 - ``meta.json``: ``{"version", "fingerprint", "dtype", "num_samples", "complete"}``;
 - ``shard-RRR-000000.f32``, …: the values of the samples of one shard (rank RRR's), float32, back to back (only
   the response positions, in order);
-- ``shard-RRR-000000.idx.npy``: ``int64 [n, 3]``: per sample its index, offset and length in the shard's values.
+- ``shard-RRR-000000.idx.npy``: ``int64 [n, 3]``: per sample its index, offset and length in the shard's values;
+- ``index.npy`` (a finished store): every shard's rows with their shard number, sorted by sample index.
 
 Why NumPy memory maps: the values are ragged (one run of response tokens per sample) and read by sample index in
 the training order, so reading must be random access without loading the store (memory flat in the dataset size:
@@ -49,16 +50,29 @@ class ScoreStore:
         self._open()
 
     def _open(self) -> None:
+        # the index: one table sorted by sample index (index, offset, length, shard); a finished store keeps it in
+        # index.npy, memory-mapped like the values, so opening a store costs no memory whatever its size
         self._values: list[np.ndarray] = []
-        where = {}
-        for k, name in enumerate(self.shards(self.path)):
-            table = np.load(os.path.join(self.path, name + ".idx.npy"))
+        names = self.shards(self.path)
+        for name in names:
             values = os.path.join(self.path, name + ".f32")
             size = os.path.getsize(values) // 4
             self._values.append(np.memmap(values, dtype=np.float32, mode="r", shape=(size,)) if size else np.zeros(0, np.float32))
-            for index, offset, length in table.tolist():
-                where[index] = (k, offset, length)
-        self._where = where
+        merged = os.path.join(self.path, "index.npy")
+        if self.meta.get("complete") and os.path.isfile(merged) and self.meta.get("shards") == names:
+            table = np.load(merged, mmap_mode="r")
+        else:
+            table = build_index(self.path, names)
+        self._table = table
+        self._index = table[:, 0]
+
+    def indices(self) -> np.ndarray:
+        """The sample indices the store holds, sorted."""
+        return np.asarray(self._index)
+
+    def _row(self, index: int) -> int:
+        i = int(np.searchsorted(self._index, index))
+        return i if i < len(self._index) and self._index[i] == index else -1
 
     @staticmethod
     def shards(path: str) -> list[str]:
@@ -76,18 +90,18 @@ class ScoreStore:
         return bool(self.meta.get("complete"))
 
     def __contains__(self, index: int) -> bool:
-        return int(index) in self._where
+        return self._row(int(index)) >= 0
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._index)
 
     def values(self, index: int) -> np.ndarray:
         """The stored values of sample ``index`` (a read-only view)."""
-        try:
-            k, offset, length = self._where[int(index)]
-        except KeyError:
-            raise ConfigError(f"scores: {self.path} holds no values for sample {int(index)}") from None
-        return self._values[k][offset : offset + length]
+        i = self._row(int(index))
+        if i < 0:
+            raise ConfigError(f"scores: {self.path} holds no values for sample {int(index)}")
+        _, offset, length, shard = (int(v) for v in self._table[i])
+        return self._values[shard][offset : offset + length]
 
     def lookup(self, index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``FloatTensor[B, T]`` on ``positions``' device: each sample's stored values scattered into its ``True``
@@ -117,6 +131,16 @@ class ScoreStore:
         return ScoreWriter(path, dict(fingerprint), num_samples, rank)
 
 
+def build_index(path: str, names: list[str]) -> np.ndarray:
+    """``int64 [n, 4]``: (sample index, offset, length, shard number) of every sample of the shards, by index."""
+    tables = []
+    for k, name in enumerate(names):
+        table = np.load(os.path.join(path, name + ".idx.npy"))
+        tables.append(np.concatenate([table, np.full((len(table), 1), k, dtype=np.int64)], axis=1))
+    table = np.concatenate(tables) if tables else np.zeros((0, 4), dtype=np.int64)
+    return table[np.argsort(table[:, 0], kind="stable")]
+
+
 class ScoreWriter:
     """Appends shards to a store; ``finish()`` marks it complete."""
 
@@ -132,16 +156,16 @@ class ScoreWriter:
         self.path, self.fingerprint, self.num_samples, self.rank = path, fingerprint, int(num_samples), int(rank)
         self._write_meta(complete=False)
         existing = ScoreStore.shards(path)
-        self.done: set[int] = set(ScoreStore(path)._where) if existing else set()
+        self.done: set[int] = set(ScoreStore(path).indices().tolist()) if existing else set()
         mine = [n for n in existing if n.startswith(f"shard-{self.rank:03d}-")]
         self._next = (int(mine[-1].rsplit("-", 1)[1]) + 1) if mine else 0
         for name in os.listdir(path):  # a shard of this rank whose index never landed was interrupted: its values go
             if name.startswith(f"shard-{self.rank:03d}-") and name.endswith(".f32") and name[:-4] not in existing:
                 os.remove(os.path.join(path, name))
 
-    def _write_meta(self, complete: bool) -> None:
+    def _write_meta(self, complete: bool, shards: Optional[list[str]] = None) -> None:
         meta = {"version": VERSION, "fingerprint": self.fingerprint, "dtype": "float32",
-                "num_samples": self.num_samples, "complete": complete}
+                "num_samples": self.num_samples, "complete": complete, "shards": shards}
         tmp = os.path.join(self.path, "meta.json.tmp")
         with open(tmp, "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
@@ -172,11 +196,16 @@ class ScoreWriter:
     def finish(self) -> None:
         """Marks the store complete once every sample is in it (under data parallelism: call it on one rank after
         all have written; it counts what is on disk)."""
-        self.done = set(ScoreStore(self.path)._where)
+        names = ScoreStore.shards(self.path)
+        table = build_index(self.path, names)
+        self.done = set(table[:, 0].tolist())
         missing = self.num_samples - len(self.done)
         if missing > 0:
             raise RuntimeError(f"scores: {missing} of {self.num_samples} samples were not scored")
-        self._write_meta(complete=True)
+        tmp = os.path.join(self.path, "index.tmp.npy")
+        np.save(tmp, table)
+        os.replace(tmp, os.path.join(self.path, "index.npy"))
+        self._write_meta(complete=True, shards=names)
 
 
 def describe_mismatch(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> str:

@@ -54,8 +54,10 @@ sys.path.insert(0, ROOT)
 METHODS = ["full", "attn_only", "rel_only", "sstoken", "sstoken_cached", "sstoken_ema", "rho1", "authors"]
 FUSED = ["full_fused", "sstoken_fused"]  # extra rows: the loss through model.fused_cross_entropy (--fused)
 STORED = ["sstoken_stored", "rho1_stored", "tokencleaning_stored"]  # extra rows: fixed models read from a score store
+SCORE = ["score_pass"]  # extra row: what `python -m sstoken_pl score` does per batch (an inference forward, no trainer)
 RATIO_LINES = [("sstoken", "full", "time"), ("attn_only", "full", "time"), ("sstoken", "full", "memory"), ("authors", "sstoken", "time"),
-               ("sstoken_stored", "full", "time"), ("rho1_stored", "full", "time"), ("tokencleaning_stored", "full", "time")]
+               ("sstoken_stored", "full", "time"), ("rho1_stored", "full", "time"), ("tokencleaning_stored", "full", "time"),
+               ("full", "score_pass", "time")]
 _STORES: dict[str, str] = {}  # kind -> store directory of the current length's batches
 
 
@@ -238,6 +240,8 @@ def run_method(
     import lightning.pytorch as pl
     import torch
 
+    if method == "score_pass":
+        return score_pass(module, batches, warmup, accelerator)
     clock = StepClock(warmup, accelerator == "gpu")
     trainer = pl.Trainer(
         accelerator=accelerator, devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
@@ -260,6 +264,37 @@ def run_method(
             del module.training_step
             module.model.set_attn_implementation(module.hparams.attn_implementation)
     return clock.times, clock.memory.peak if clock.memory else 0
+
+
+def score_pass(module, batches: list[dict], warmup: int, accelerator: str) -> tuple[list[float], int]:
+    """Seconds per batch of the scoring pass (``python -m sstoken_pl score``'s predict step: the base model's
+    per-token NLL in inference mode, adapters off), on the same batches as a training step: ``full``'s step time over
+    this is the pass's throughput in tokens per second relative to a plain SFT step's."""
+    import torch
+
+    from sstoken_pl.loss import per_token_nll
+    from sstoken_pl.models import response_logits
+
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    memory = PeakMemory(accelerator == "gpu")
+    model, times = module.model, []
+    was = model.training
+    model.eval()
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with torch.inference_mode(), off:
+        for i, batch in enumerate(batches):
+            b = {k: v.to(device) for k, v in batch.items()}
+            if i == warmup:
+                memory.__enter__()
+            start = time.perf_counter()
+            per_token_nll(response_logits(model, b), b["labels"])
+            if accelerator == "gpu":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    memory.__exit__(None, None, None)
+    model.train(was)
+    return times, memory.peak
 
 
 def make_stores(module, batches: list[dict], reference: str, root: str, accelerator: str) -> None:
@@ -350,8 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per method and round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each method's run")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the methods")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + FUSED + STORED,
-                        help=f"rows (default: {' '.join(METHODS)}; also {' '.join(FUSED + STORED)})")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + FUSED + STORED + SCORE,
+                        help=f"rows (default: {' '.join(METHODS)}; also {' '.join(FUSED + STORED + SCORE)})")
     parser.add_argument("--fused", default="chunked", choices=["chunked", "liger", "cce"],
                         help="the fused linear cross-entropy of the *_fused rows")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
