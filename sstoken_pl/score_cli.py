@@ -139,5 +139,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     if trainer.is_global_zero:
         store.finish()
         rate = f", {writer.tokens / seconds:,.0f} tokens/s" if writer.tokens and seconds > 0 else ""
+        ranks = f" (rank 0 of {trainer.world_size})" if trainer.world_size > 1 else ""
         print(f"scored {len(todo)} samples ({len(dataset) - len(todo)} already stored), {writer.tokens:,} response "
-              f"tokens in {seconds:.0f} s{rate}: {os.path.abspath(args.out)}")
+              f"tokens{ranks} in {seconds:.0f} s{rate}: {os.path.abspath(args.out)}")

@@ -155,3 +155,16 @@ def test_reference_scores_replace_the_reference_forward(tmp_path):
     assert len(results[0]) == 3
     for loaded, stored in zip(*results):
         assert loaded[0] == stored[0] and loaded[1] == pytest.approx(stored[1], rel=1e-5)
+
+
+def test_two_ddp_processes_score_what_one_does(tmp_path, base_store):
+    out = tmp_path / "ddp"
+    run = cli("score", "--config", "configs/tiny.yaml", *DATA, "--trainer.strategy=ddp", "--trainer.devices=2",
+              "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(rank 0 of 2)" in run.stdout
+    assert {p.name.split("-")[1] for p in out.glob("shard-*.idx.npy")} == {"000", "001"}, "each rank its own shards"
+    one, two = ScoreStore(base_store), check_store(str(out), ScoreStore(base_store).fingerprint, "key")
+    assert len(two) == 48
+    for i in range(48):
+        np.testing.assert_allclose(two.values(i), one.values(i), atol=1e-5, rtol=1e-5)
