@@ -39,6 +39,15 @@ class _Scorer(pl.LightningModule):
         self.module = module
         self.reference = reference
 
+    def configure_model(self) -> None:
+        """Under FSDP2 (``ModelParallelStrategy``), the scoring model is sharded as training shards it."""
+        from sstoken_pl import sharding
+
+        if sharding.is_model_parallel(self.trainer.strategy):
+            model = self.reference if self.reference is not None else self.module.model
+            if not sharding.is_sharded(model):
+                sharding.shard_model(model, sharding.data_parallel_mesh(self.trainer.strategy, self))
+
     def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         from sstoken_pl.loss import per_token_nll
         from sstoken_pl.models import response_logits

@@ -157,10 +157,13 @@ def test_reference_scores_replace_the_reference_forward(tmp_path):
         assert loaded[0] == stored[0] and loaded[1] == pytest.approx(stored[1], rel=1e-5)
 
 
-def test_two_ddp_processes_score_what_one_does(tmp_path, base_store):
-    out = tmp_path / "ddp"
-    run = cli("score", "--config", "configs/tiny.yaml", *DATA, "--trainer.strategy=ddp", "--trainer.devices=2",
-              "--out", str(out))
+@pytest.mark.parametrize("strategy", [["--trainer.strategy=ddp"], ["--config", "configs/strategies/fsdp2.yaml"]],
+                         ids=["ddp", "fsdp2"])
+def test_two_processes_score_what_one_does(tmp_path, base_store, strategy):
+    """DDP, and FSDP2 with the scoring model sharded as training shards it: each rank scores its share."""
+    out = tmp_path / "two"
+    run = cli("score", "--config", "configs/tiny.yaml", *strategy, *DATA, "--trainer.devices=2",
+              "--trainer.accelerator=cpu", "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "(rank 0 of 2)" in run.stdout
     assert {p.name.split("-")[1] for p in out.glob("shard-*.idx.npy")} == {"000", "001"}, "each rank its own shards"
