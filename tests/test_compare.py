@@ -308,8 +308,8 @@ def test_the_header_says_when_the_base_model_was_not_evaluated(tmp_path):
 
 
 def test_score_once_scores_each_fixed_model_once_for_every_method_and_seed(tmp_path):
-    """sstoken (base history) and rho1 (reference) over 2 seeds: 2 scoring passes, and every run reads the stores."""
-    args = ["--config", "configs/tiny.yaml", "--methods", "sstoken", "rho1", "asft", "--seeds", "0", "1", "--out",
+    """sstoken and rel_only (base history) and rho1 (reference): 2 scoring passes, and every run reads the stores."""
+    args = ["--config", "configs/tiny.yaml", "--methods", "sstoken", "rel_only", "rho1", "asft", "--seeds", "0", "--out",
             str(tmp_path), "--max-steps", "2", "--no-full-clean", "--score-once", "--extra",
             "--data.synthetic.num_train=32 --data.synthetic.noise=0.5 --trainer.limit_val_batches=0 --eval.num_problems=0"]
     out = tool("compare.py", *args, timeout=900)
@@ -319,7 +319,8 @@ def test_score_once_scores_each_fixed_model_once_for_every_method_and_seed(tmp_p
     assert json.loads((tmp_path / "scores" / "reference" / "meta.json").read_text())["complete"]
     configs = {p.name: yaml.safe_load(p.read_text()) for p in (tmp_path / "configs").glob("*_seed*.yaml")}
     by_class = lambda cfg: {cb["class_path"].rsplit(".", 1)[1]: cb["init_args"] for cb in cfg["trainer"]["callbacks+"]}  # noqa: E731
-    assert by_class(configs["sstoken_seed1.yaml"])["HistoryModel"]["scores"] == str(tmp_path / "scores" / "base")
+    for method in ("sstoken", "rel_only"):
+        assert by_class(configs[f"{method}_seed0.yaml"])["HistoryModel"]["scores"] == str(tmp_path / "scores" / "base")
     assert by_class(configs["rho1_seed0.yaml"])["ReferenceModel"]["scores"] == str(tmp_path / "scores" / "reference")
     assert "scores" not in by_class(configs["asft_seed0.yaml"])["HistoryModel"], "asft needs the base model's logits"
     again = tool("compare.py", *args, timeout=600)
