@@ -272,7 +272,8 @@ class TokenSelection(Callback):
         for name in self.objective.provider_inputs:
             values[name] = self._providers[name].token_input(name, pl_module, batch)
         trainer = pl_module.trainer
-        values["draw_keys"] = self._draw_keys(trainer, batch, response_mask)
+        if self.objective.draws:
+            values["draw_keys"] = self._draw_keys(trainer, batch, response_mask)
         generator = torch.Generator(device=response_mask.device).manual_seed(self._seed_key(trainer, salt=1))
         out = self.objective.loss(values, response_mask, self.objective_options, generator)
         loss, stats, keep = out if len(out) == 3 else (*out, None)

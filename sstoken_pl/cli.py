@@ -13,10 +13,11 @@ checkpoint's hyper-parameters, as LightningCLI would otherwise do silently.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -201,7 +202,7 @@ def main(args: list[str] | None = None) -> None:
     from sstoken_pl.data import SFTDataModule
     from sstoken_pl.module import SFTModule
 
-    try:
+    with user_errors():
         SSTokenCLI(
             SFTModule,
             SFTDataModule,
@@ -209,6 +210,14 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             parser_class=_Parser,
         )
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Within the block, an error in the user's input ends the program with one ``error:`` line (exit code 2);
+    anything else propagates with its traceback."""
+    try:
+        yield
     except Exception as err:  # noqa: BLE001 - only user-input errors are turned into one line
         user_error = _user_error(err)
         if user_error is None:

@@ -170,23 +170,30 @@ for _m in (
     register_method(_m)
 
 
-def get_method(name: str) -> Method:
-    """The method registered under ``name``, or the ``Method`` object at a dotted path ``package.module:NAME``."""
-    if name in METHODS:
-        return METHODS[name]
+def registered(name: str, registry: Mapping[str, Any], kind: type, key: str) -> Any:
+    """The object registered under ``name``, or the ``kind`` object at a dotted path ``package.module:NAME``; else
+    one ``ConfigError`` on ``key`` naming what is known (methods and objectives alike)."""
+    if name in registry:
+        return registry[name]
+    what = kind.__name__.lower()
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
             obj = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise ConfigError(f"TokenSelection.method: cannot import {name!r} ({err})") from None
-        if not isinstance(obj, Method):
-            raise ConfigError(f"TokenSelection.method: {name!r} is a {type(obj).__name__}, not a sstoken_pl Method")
+            raise ConfigError(f"{key}: cannot import {name!r} ({err})") from None
+        if not isinstance(obj, kind):
+            raise ConfigError(f"{key}: {name!r} is a {type(obj).__name__}, not a sstoken_pl {kind.__name__}")
         return obj
     raise ConfigError(
-        f"TokenSelection.method: unknown method {name!r}; known: {', '.join(sorted(METHODS))} "
-        f"(or a dotted path package.module:NAME to a sstoken_pl.methods.Method)"
+        f"{key}: unknown {what} {name!r}; known: {', '.join(sorted(registry))} "
+        f"(or a dotted path package.module:NAME to a {kind.__module__}.{kind.__name__})"
     )
+
+
+def get_method(name: str) -> Method:
+    """The method registered under ``name``, or the ``Method`` object at a dotted path ``package.module:NAME``."""
+    return registered(name, METHODS, Method, "TokenSelection.method")
 
 
 def resolve_options(method: Method, options: Mapping[str, Any] | None) -> dict[str, Any]:

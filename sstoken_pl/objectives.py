@@ -19,7 +19,8 @@ An objective is a pure function ``loss(inputs, response_mask, options, generator
   predict a response token, ``[N, V]`` in row-major order of the response positions, with their graph (the fused
   cross-entropy paths never hold them: such an objective refuses ``model.fused_cross_entropy``);
 - ``inputs["targets"]``: ``LongTensor[N]``, the target token of each row;
-- provider inputs (``reference_logits``: the reference's rows, no graph) when the objective names them;
+- provider inputs (``history_logits``: the anchor model's rows, no graph) when the objective names them;
+- ``inputs["draw_keys"]`` (``LongTensor[B, T]``) for an objective that samples (``draws``);
 - ``stats``: scalars to log under ``objective/`` (the mean weight, OTR's share of sampled ground truth, …), each a
   mean over the response tokens;
 - ``keep`` (optional ``BoolTensor[B, T]``): an objective that counts only some tokens (the probability objectives'
@@ -49,7 +50,8 @@ class Objective:
         loss: ``loss(inputs, response_mask, options, generator) -> (ℓ FloatTensor[B, T], stats)``.
         needs_logits: whether ``inputs`` must carry the response rows of logits (refused with a fused
             cross-entropy).
-        provider_inputs: names of inputs from provider callbacks (``reference_logits``).
+        provider_inputs: names of inputs from provider callbacks (``history_logits``).
+        draws: whether the loss samples (``inputs["draw_keys"]`` is then given).
         options: the objective's options and their defaults.
         summary: one line for docs.
     """
@@ -58,6 +60,7 @@ class Objective:
     loss: LossFn
     needs_logits: bool = False
     provider_inputs: frozenset[str] = frozenset()
+    draws: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
 
@@ -246,7 +249,7 @@ for _o in (
         summary="EAFT: (H_top-k / normalizer)^alpha · (−log p), no gradient through the weight",
     ),
     Objective(
-        "otr", otr_loss, needs_logits=True, options={"samples": 256, "temperature": 1.5, "penalty": -0.1},
+        "otr", otr_loss, needs_logits=True, draws=True, options={"samples": 256, "temperature": 1.5, "penalty": -0.1},
         summary="One-Token Rollout: −(1/K) Σ R(a_k) log π(a_k) over K draws, R = 1 on the ground truth, else penalty",
     ),
     Objective(
@@ -259,23 +262,9 @@ for _o in (
 
 def get_objective(name: str) -> Objective:
     """The objective registered under ``name``, or the ``Objective`` object at a dotted path ``package.module:NAME``."""
-    if name in OBJECTIVES:
-        return OBJECTIVES[name]
-    if ":" in name:
-        import importlib
+    from sstoken_pl.methods import registered
 
-        module_name, _, attr = name.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"TokenSelection.objective: cannot import {name!r} ({err})") from None
-        if not isinstance(obj, Objective):
-            raise ConfigError(f"TokenSelection.objective: {name!r} is a {type(obj).__name__}, not a sstoken_pl Objective")
-        return obj
-    raise ConfigError(
-        f"TokenSelection.objective: unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))} "
-        f"(or a dotted path package.module:NAME to a sstoken_pl.objectives.Objective)"
-    )
+    return registered(name, OBJECTIVES, Objective, "TokenSelection.objective")
 
 
 def _number(value: Any, key: str) -> float:

@@ -87,7 +87,7 @@ class _StoreWriter(BasePredictionWriter):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from sstoken_pl.cli import SSTokenCLI, _Parser, _user_error
+    from sstoken_pl.cli import SSTokenCLI, _Parser, user_errors
     from sstoken_pl.data import SFTCollator, SFTDataModule
     from sstoken_pl.module import SFTModule
     from sstoken_pl.score_store import ScoreStore, run_fingerprint
@@ -102,7 +102,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")  # Lightning's predict loop
-    try:
+    with user_errors():
         cli = SSTokenCLI(
             SFTModule, SFTDataModule, parser_class=_Parser, run=False, save_config_callback=None,
             args=rest + ["--trainer.callbacks=[]", "--trainer.logger=false", "--model.export=false",
@@ -126,12 +126,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         fingerprint = run_fingerprint(module, data, trainer.precision, source)
         dataset = data.train_dataset
         store = ScoreStore.create(args.out, fingerprint, len(dataset), rank=trainer.global_rank)
-    except Exception as err:  # noqa: BLE001 - only user-input errors are turned into one line
-        user_error = _user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(2)
     todo = [i for i, index in enumerate(dataset["index"]) if index not in store.done]
     writer = _StoreWriter(store)
     trainer.callbacks = [cb for cb in trainer.callbacks if isinstance(cb, pl.callbacks.ProgressBar)] + [writer]
