@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sstoken_pl.attention import PromptAttentionProbe, check_chunk_size, check_layer, prompt_key_mask
+from sstoken_pl import packing
 from sstoken_pl.errors import ConfigError
 
 
@@ -77,7 +78,17 @@ class AttentionScore(Callback):
         self._cache = None
         if self._probe is not None and self.active:
             attention_mask = batch.get("attention_mask")
-            self._probe.arm(prompt_key_mask(batch["labels"], attention_mask), attention_mask)
+            prompt = prompt_key_mask(batch["labels"], attention_mask)
+            if not packing.is_packed(batch):
+                self._probe.arm(prompt, attention_mask)
+                return
+            # packed rows: the masks in the rows' layout (as the forward's input, flattened for flash attention), and
+            # each query's own sample as the only keys it sees
+            shape = packing.model_inputs(getattr(pl_module, self.model_attr), batch)["input_ids"].shape
+            valid = torch.ones_like(batch["labels"], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            rows = [packing.to_rows(m, batch, False).view(shape) for m in (prompt, valid)]
+            positions = batch[packing.PACKED]["position_ids"].reshape(shape)
+            self._probe.arm(rows[0], rows[1], packing.segments(positions))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -103,6 +114,8 @@ class AttentionScore(Callback):
         if self._probe is None:
             raise RuntimeError("AttentionScore.scores: no probe installed (scores exist only during trainer.fit)")
         scores = self._probe.take()
+        if packing.is_packed(batch):  # captured on the packed rows: back to the samples view
+            scores = packing.to_samples(scores, batch)
         if scores.shape != batch["labels"].shape:
             raise RuntimeError(
                 f"AttentionScore.scores: captured scores {tuple(scores.shape)} do not match this batch's labels "

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from sstoken_pl import sharding
+from sstoken_pl import packing, sharding
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import per_token_nll, training_precision
 from sstoken_pl.models import dtype_name, find_exported_model, load_causal_lm, response_logits
@@ -126,6 +126,8 @@ class ReferenceModel(Callback):
             self.model = sharding.shard_model(model, sharding.mesh_of(trained), reshard_root=True).eval()
         else:
             self.model = model.to(param.device).eval()
+        if getattr(trainer.datamodule, "packing", False):
+            packing.check_model(self.model, where)
         rank_zero_info(f"ReferenceModel: loaded {source}")
 
     def _open_store(self, trainer: pl.Trainer, pl_module: pl.LightningModule):

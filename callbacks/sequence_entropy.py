@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from sstoken_pl import packing
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import _CHUNK_ELEMENTS
 from sstoken_pl.models import fused_head_problem, unwrap
@@ -124,6 +125,8 @@ class SequenceEntropy(Callback):
         key = batch["labels"]
         if self._cache is not None and self._cache[0] is key:
             return self._cache[1]
+        if self._hidden is not None and packing.is_packed(batch):  # the packed forward's rows → the samples view
+            self._hidden = packing.to_samples(self._hidden, batch)
         if self._hidden is None or self._hidden.shape[:2] != key.shape:
             raise RuntimeError("SequenceEntropy: no hidden states of this training batch (is the hook installed?)")
         entropy = entropy_at(self._hidden, self._head, attended)

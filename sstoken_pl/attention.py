@@ -50,6 +50,7 @@ def prompt_attention_mass(
     chunk_size: int = 256,
     sliding_window: int | None = None,
     softcap: float | None = None,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``FloatTensor[B, T]`` (float32): the attention mass each query puts on prompt keys, averaged over heads.
 
@@ -65,6 +66,8 @@ def prompt_attention_mass(
             are the prompt indicator (``_prompt_mass_sdpa``): no ``[T, T]`` float buffer at all.
         sliding_window: query ``i`` sees keys ``j`` with ``i - sliding_window < j ≤ i`` (as ``transformers``' masks).
         softcap: logit soft-capping ``softcap · tanh(logits / softcap)`` (Gemma-2 style), if the layer uses it.
+        segments: ``[B, T]`` int, for packed rows (``sstoken_pl.packing``): a query sees only the keys of its own
+            segment (its own sample's prompt), as the packed forward's block-diagonal mask.
 
     Computed without autograd and without autocast, the softmax in float32. Padding queries get 0.
     """
@@ -93,8 +96,9 @@ def prompt_attention_mass(
         if attention_mask is None
         else attention_mask.to(device=device, dtype=torch.bool)
     )
+    same = None if segments is None else segments.to(device)[:, :, None] == segments.to(device)[:, None, :]
     if softcap is None:
-        return _prompt_mass_sdpa(query, key, prompt_mask, valid, scaling, sliding_window)
+        return _prompt_mass_sdpa(query, key, prompt_mask, valid, scaling, sliding_window, same)
     prompt = (prompt_mask.to(device=device, dtype=torch.bool) & valid).float()[:, None, None, :, None]
     positions = torch.arange(T, device=device)
     mass = torch.zeros(B, T, dtype=torch.float32, device=device)
@@ -113,6 +117,8 @@ def prompt_attention_mass(
             if sliding_window is not None:
                 allowed &= positions[None, :] > q_pos - sliding_window
             allowed = allowed[None] & valid[:, None, :]  # [B, n, T]
+            if same is not None:
+                allowed = allowed & same[:, start:end]
             logits.masked_fill_(~allowed[:, None, None], float("-inf"))
             # softmax in place: one [B, H, n, T] buffer. A padding query with no visible key gives NaN, zeroed below.
             weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
@@ -128,13 +134,14 @@ def _prompt_mass_sdpa(
     valid: torch.Tensor,
     scaling: float,
     sliding_window: int | None,
+    same: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``prompt_attention_mass`` through one fused ``scaled_dot_product_attention``: the values are the indicator of
     the prompt keys (in the first of ``D`` value channels, so the kernel is the one the model's attention uses), so
     the output of each query *is* its attention mass on the prompt; the ``[T, T]`` weights are never materialised
     (beyond the boolean mask). float32, no autograd."""
     B, H, T, D = query.shape
-    if _causal_suffices(valid, sliding_window):
+    if same is None and _causal_suffices(valid, sliding_window):
         allowed = None  # the kernel's own causal mask: no [B, 1, T, T] mask to build or read
     else:
         positions = torch.arange(T, device=query.device)
@@ -142,6 +149,8 @@ def _prompt_mass_sdpa(
         if sliding_window is not None:
             allowed &= positions[None, :] > positions[:, None] - sliding_window
         allowed = allowed[None, None] & valid[:, None, None, :]  # [B, 1, T, T]
+        if same is not None:  # packed rows: a query sees its own segment's keys only
+            allowed &= same[:, None]
         allowed |= ~valid[:, None, :, None]  # padding queries see everything (no all-masked row); zeroed below
     with torch.no_grad(), torch.autocast(device_type=query.device.type, enabled=False):
         values = torch.zeros(B, key.shape[1], T, D, dtype=torch.float32, device=query.device)
@@ -268,7 +277,7 @@ class PromptAttentionProbe:
         # the internal attribute: the `_attn_implementation` setter would also rename the (shared) sub-configs
         self._probe_config._attn_implementation_internal = PROBE_IMPLEMENTATION
         self._eager: Callable | None = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None)
-        self._armed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._armed: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self._scores: torch.Tensor | None = None
         self._installed = False
 
@@ -315,8 +324,11 @@ class PromptAttentionProbe:
         return self._installed
 
     # ------------------------------------------------------------------ capture
-    def arm(self, prompt_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        """Capture during the next forward over a ``[B, T]`` batch with these prompt keys and padding mask.
+    def arm(
+        self, prompt_mask: torch.Tensor, attention_mask: torch.Tensor | None = None, segments: torch.Tensor | None = None
+    ) -> None:
+        """Capture during the next forward over a ``[B, T]`` batch with these prompt keys and padding mask (and, for
+        packed rows, ``segments``: ``prompt_attention_mass``).
 
         Drops any earlier capture not yet taken.
         """
@@ -329,7 +341,7 @@ class PromptAttentionProbe:
                 f"PromptAttentionProbe.arm: prompt_mask {tuple(prompt_mask.shape)} and attention_mask "
                 f"{tuple(attention_mask.shape)} must both be [B, T]"
             )
-        self._armed = (prompt_mask.detach(), attention_mask.detach())
+        self._armed = (prompt_mask.detach(), attention_mask.detach(), segments)
         self._scores = None
 
     def disarm(self) -> None:
@@ -383,7 +395,7 @@ class PromptAttentionProbe:
         finally:
             module.config = self._probe_config
         if self._armed is not None and self._matches(query, key):
-            prompt_mask, padding_mask = self._armed
+            prompt_mask, padding_mask, segments = self._armed
             self._armed = None
             scaling = kwargs.get("scaling")
             self._scores = prompt_attention_mass(
@@ -395,6 +407,7 @@ class PromptAttentionProbe:
                 chunk_size=self.chunk_size,
                 sliding_window=kwargs.get("sliding_window"),
                 softcap=kwargs.get("softcap"),
+                segments=segments,
             )
         return output
 

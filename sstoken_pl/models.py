@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sstoken_pl.errors import ConfigError
+from sstoken_pl.packing import is_packed, model_inputs, row_positions, to_samples
 
 PKG_PREFIX = "pkg:"
 
@@ -235,28 +236,49 @@ def response_logits(
     ``fused`` (``chunked``, ``liger`` or ``cce``): return ``sstoken_pl.loss.HeadRows`` instead — the hidden states at
     those rows and the LM head, not applied — so that the loss is a fused linear cross-entropy that never holds the
     ``[N, V]`` logits. The model runs its own forward with the head swapped for the identity for that one call.
-    A model that cannot (``fused_head_problem``) raises one ``ConfigError``."""
+    A model that cannot (``fused_head_problem``) raises one ``ConfigError``.
+
+    A packed batch (``sstoken_pl.packing``) runs on its rows and returns what the unpacked batch would: the rows (or
+    ``[N, L, V]``) in the samples view's order."""
     from sstoken_pl.loss import HeadRows, prediction_mask
 
+    packed = is_packed(batch)
+    inputs = model_inputs(model, batch)
+    keep = prediction_mask(batch["labels"]) if fused is not None or supports_row_logits(model) else None
+    if keep is not None:  # for a packed batch, the rows' positions of the samples' predicting positions
+        kwargs["logits_to_keep"] = _rows_mask(batch, keep, inputs["input_ids"]) if packed else keep
     if fused is None:
-        if supports_row_logits(model):
-            kwargs["logits_to_keep"] = prediction_mask(batch["labels"])
-        out = (call or model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
-        return out.logits
+        out = (call or model)(**inputs, use_cache=False, **kwargs)
+        if not packed:
+            return out.logits
+        return to_samples(out.logits, batch) if keep is None else _samples_order(out.logits, batch, keep)
     if call is not None:
         raise ValueError("response_logits: fused and call do not combine (the head's weights would be the model's)")
     problem = fused_head_problem(model)
     if problem is not None:
         raise ConfigError(f"model.fused_cross_entropy={fused}: {problem}; set model.fused_cross_entropy: null")
-    base = unwrap(model)
-    head = base.get_output_embeddings()
-    kwargs["logits_to_keep"] = prediction_mask(batch["labels"])
+    head = unwrap(model).get_output_embeddings()
     head.forward = _identity  # this one call: the "logits" the model returns are the hidden rows
     try:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
+        out = model(**inputs, use_cache=False, **kwargs)
     finally:
         del head.forward
-    return HeadRows(out.logits, head.weight, head.bias, fused)
+    hidden = _samples_order(out.logits, batch, keep) if packed else out.logits
+    return HeadRows(hidden, head.weight, head.bias, fused)
+
+
+def _rows_mask(batch: Any, keep: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """A samples-view mask (``[N, L]``) as the mask of the same tokens in a packed batch's rows."""
+    flat = torch.zeros(input_ids.numel(), dtype=torch.bool, device=keep.device)
+    flat[row_positions(batch, keep)] = True
+    return flat.view(input_ids.shape)
+
+
+def _samples_order(rows: torch.Tensor, batch: Any, keep: torch.Tensor) -> torch.Tensor:
+    """The ``[K, ...]`` rows a packed forward kept (in the rows' order) in the samples view's row-major order of
+    ``keep``: what the unpacked forward returns."""
+    src = row_positions(batch, keep)
+    return rows[torch.searchsorted(src.sort().values, src)]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics import MeanMetric
 
-from sstoken_pl import sharding
+from sstoken_pl import packing, sharding
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import (
     StepTokenMean,
@@ -334,6 +334,8 @@ def check_fit_settings(module: "SFTModule", trainer: pl.Trainer) -> None:
             f"data.max_length={max_length} exceeds the model's context (max_position_embeddings={context}); set "
             f"data.max_length to at most {context}"
         )
+    if getattr(getattr(trainer, "datamodule", None), "packing", False):  # verified on this model, not assumed
+        packing.check_model(model, "model")
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

@@ -133,8 +133,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if todo:
         loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(dataset, todo), batch_size=args.batch_size or data.batch_size, shuffle=False,
-            collate_fn=SFTCollator(data.pad_token_id),
+            collate_fn=data.collator(),  # packed rows with data.packing, as the training forwards
         )
+        if data.packing:
+            from sstoken_pl.packing import check_model
+
+            check_model(reference if reference is not None else module.model, "the scored model")
         trainer.predict(_Scorer(module, reference), dataloaders=loader, return_predictions=False)
     seconds = time.perf_counter() - start
     if trainer.world_size > 1:

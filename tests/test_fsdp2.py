@@ -1,6 +1,6 @@
 """FSDP2 (``fully_shard`` under Lightning's ``ModelParallelStrategy``) on 2 CPU processes (gloo) equals 1 process on
 the same global batch: LoRA and full fine-tuning, each HistoryModel mode, the reference model, the base-anchored
-objective (ASFT); checkpoints resume
+objective (ASFT), packed batches (each rank packs its own); checkpoints resume
 exactly; export and the answer evaluation work under sharding; impossible strategy combinations are refused."""
 
 import json
@@ -18,7 +18,7 @@ from sstoken_pl.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "fsdp2_cases.py")
-TRAIN = [f"{k}-{m}" for k in ("lora", "full") for m in ("base", "snapshot", "ema", "reference", "asft")]
+TRAIN = [f"{k}-{m}" for k in ("lora", "full") for m in ("base", "snapshot", "ema", "reference", "asft")] + ["lora-packed"]
 RESUME = ["resume-full-ema", "resume-lora-snapshot", "resume1file-lora-ema"]
 
 
@@ -182,3 +182,13 @@ def test_strategy_configs_name_lightning_strategies(name):
         assert hasattr(importlib.import_module(module), cls)
     if name.startswith("deepspeed"):
         assert config["model"]["loss_normalization"] == "micro_batch"
+
+
+def test_packed_batches_train_as_padded_ones(runs):
+    """The packed case is the ``lora-base`` case (ssToken, base history, attention) on packed rows: the same tokens
+    kept, the same losses and weights, on 1 process and (each rank packing its own share) on 2."""
+    for devices in (1, 2):
+        packed, padded = _load(runs, devices, "lora-packed"), _load(runs, devices, "lora-base")
+        for a, b in zip(packed["steps"], padded["steps"]):
+            assert a.tolist()[:2] == b.tolist()[:2] and a.tolist()[2] == pytest.approx(b.tolist()[2], rel=1e-5)
+        assert _max_diff(packed["params"], padded["params"]) < 1e-5

@@ -100,15 +100,16 @@ def _assert_equal(a, b, where="state"):
 
 
 @pytest.mark.parametrize(
-    "lora, method, save_at",
+    "lora, method, save_at, packed",
     [
-        (False, "sstoken", 4),  # full fine-tuning, base history (a copy of the weights), mid-epoch
-        (True, "sstoken", 6),  # LoRA base history (adapters off), at the end of epoch 0
-        (False, "sstoken_snapshot", 5),  # between two snapshots (every 3 steps)
-        (True, "sstoken_ema", 4),  # LoRA dropout: the random generators must be restored too
+        (False, "sstoken", 4, False),  # full fine-tuning, base history (a copy of the weights), mid-epoch
+        (True, "sstoken", 6, False),  # LoRA base history (adapters off), at the end of epoch 0
+        (False, "sstoken_snapshot", 5, False),  # between two snapshots (every 3 steps)
+        (True, "sstoken_ema", 4, False),  # LoRA dropout: the random generators must be restored too
+        (True, "sstoken_ema", 3, True),  # packed rows (data.packing; rows of 640 hold 2–3 samples)
     ],
 )
-def test_resume_is_exact(tmp_path, lora, method, save_at):
+def test_resume_is_exact(tmp_path, lora, method, save_at, packed):
     """8 steps straight equal ``save_at`` steps + a resume to 8: weights, optimizer, scheduler, history and selection
     states, and the batches (data order) and losses of the steps after the checkpoint, bit for bit."""
     history = {"sstoken": "{mode: base}", "sstoken_snapshot": "{mode: snapshot, snapshot_every: 3}",
@@ -122,6 +123,7 @@ def test_resume_is_exact(tmp_path, lora, method, save_at):
     )
     args = ["--config", str(callbacks), "--trainer.max_steps=8"]
     args += ["--model.lora.r=4", "--model.lora.alpha=8"] if lora else []
+    args += ["--data.packing=true", "--data.max_length=640"] if packed else []
     straight, seen = cli_fit(tmp_path, args, save_at=save_at, name="straight")
     checkpoint = seen.path
     assert os.path.isfile(checkpoint)

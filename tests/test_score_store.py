@@ -171,3 +171,19 @@ def test_two_processes_score_what_one_does(tmp_path, base_store, strategy):
     assert len(two) == 48
     for i in range(48):
         np.testing.assert_allclose(two.values(i), one.values(i), atol=1e-5, rtol=1e-5)
+
+
+def test_a_packed_pass_stores_what_the_padded_one_does(tmp_path, base_store):
+    """``data.packing``: the scoring forward runs on packed rows; the stored values are the samples' own (a store is
+    one for both layouts: packing is not in its fingerprint)."""
+    out = tmp_path / "packed"
+    # rows of 1024 tokens hold ~4 samples (none is truncated at 384 either: the values are comparable)
+    run = cli("score", "--config", "configs/tiny.yaml", *DATA, "--data.packing=true", "--data.max_length=1024",
+              "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    padded, packed = ScoreStore(base_store), ScoreStore(str(out))
+    assert len(packed) == len(padded) == 48
+    assert {k: v for k, v in packed.fingerprint["data"].items() if k != "max_length"} == {
+        k: v for k, v in padded.fingerprint["data"].items() if k != "max_length"}
+    for index in padded.indices():
+        np.testing.assert_allclose(packed.values(index), padded.values(index), atol=1e-5, rtol=1e-6)

@@ -18,10 +18,15 @@ class SFTCollator:
     sample carries a ``noise`` list (the built-in task's training samples); ``token_weights`` as ``FloatTensor[B, T]``
     (padding: 0) when every sample carries them (training data with a ``weight`` field: ``sstoken_pl.token_loss``
     multiplies each token's loss by its weight).
+
+    With ``pack_length``, the batch is also packed (``sstoken_pl.packing.pack``): ``batch["packed"]`` holds the
+    samples laid end to end in rows of at most ``pack_length`` tokens, which the model's forward runs on; the padded
+    tensors above stay as the samples view every per-token tensor is aligned with.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, pack_length: Optional[int] = None) -> None:
         self.pad_token_id = pad_token_id
+        self.pack_length = pack_length
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(s["input_ids"]) for s in samples)
@@ -45,6 +50,10 @@ class SFTCollator:
             for i, s in enumerate(samples):
                 noise[i, : len(s["noise"])] = torch.tensor(s["noise"], dtype=torch.bool)
             batch["noise"] = noise
+        if self.pack_length is not None:
+            from sstoken_pl.packing import pack
+
+            pack(batch, self.pack_length, self.pad_token_id)
         return batch
 
 

@@ -44,6 +44,11 @@ class SFTDataModule(pl.LightningDataModule):
         strip_calculator_annotations: remove GSM8K calculator annotations (``<<48/2=24>>``) from the answers.
         hub_config: the configuration of a hub dataset given as ``path`` (``datasets.load_dataset(path,
             hub_config)``), e.g. ``main`` for ``openai/gsm8k``; also used for a hub ``val_path``.
+        packing: run the model on packed rows (``sstoken_pl.packing``): each training and validation batch's samples
+            laid end to end in rows of at most ``max_length`` tokens (best-fit decreasing), positions restarting at
+            each sample, no attention across samples (checked on the model at fit start). The same samples per
+            batch as without packing, and every method sees the same per-sample tensors: only the padding's compute
+            goes.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class SFTDataModule(pl.LightningDataModule):
         synthetic: SyntheticTask = SyntheticTask(),
         strip_calculator_annotations: bool = True,
         hub_config: Optional[str] = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if format not in ("auto", *FORMAT_FIELDS):
@@ -94,6 +100,9 @@ class SFTDataModule(pl.LightningDataModule):
         self.synthetic = SyntheticTask(**synthetic) if isinstance(synthetic, dict) else synthetic
         self.strip_calculator_annotations = strip_calculator_annotations
         self.hub_config = hub_config
+        if not isinstance(packing, bool):
+            raise ConfigError(f"data.packing must be true or false, got {packing!r}")
+        self.packing = packing
         self.tokenizer: Any = None
         self.train_samples: list[dict[str, Any]] = []
         self.val_samples: list[dict[str, Any]] = []
@@ -295,9 +304,13 @@ class SFTDataModule(pl.LightningDataModule):
             # the sampler shuffles; this generator only feeds the iterators' worker base seed (which would otherwise
             # be drawn from torch's global RNG and shift dropout and everything else seeded by it)
             generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=SFTCollator(self.pad_token_id),
+            collate_fn=self.collator(),
             num_workers=self.num_workers,
         )
+
+    def collator(self) -> SFTCollator:
+        """The batches' collator: padded, and packed into rows of ``max_length`` tokens with ``packing``."""
+        return SFTCollator(self.pad_token_id, pack_length=self.max_length if self.packing else None)
 
     # ------------------------------------------------------------------ resuming
     def _position_key(self, num_replicas: int) -> dict[str, int]:
@@ -359,7 +372,7 @@ class SFTDataModule(pl.LightningDataModule):
             self.val_dataset,
             batch_size=self.eval_batch_size,
             shuffle=False,
-            collate_fn=SFTCollator(self.pad_token_id),
+            collate_fn=self.collator(),
             num_workers=self.num_workers,
         )
 

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
-from sstoken_pl import SFTModule, sharding  # noqa: E402
+from sstoken_pl import SFTModule, packing, sharding  # noqa: E402
 from sstoken_pl.callbacks import AttentionScore, HistoryModel, ReferenceModel, TokenSelection  # noqa: E402
 from sstoken_pl.module import export_hf  # noqa: E402
 from sstoken_pl.models import tiny_llama_config  # noqa: E402
@@ -99,7 +99,7 @@ def history_weights(history: HistoryModel, model) -> dict:
 
 def fit(devices, lora, mode, steps=STEPS, root=None, ckpt_path=None, extra_callbacks=(), distributed_checkpoint=True):
     pl.seed_everything(0)
-    history = HistoryModel(mode="base" if mode in ("reference", "asft") else mode, ema_decay=0.6, snapshot_every=2, cache=CACHE)
+    history = HistoryModel(mode="base" if mode in ("reference", "asft", "packed") else mode, ema_decay=0.6, snapshot_every=2, cache=CACHE)
     if mode == "reference":  # Rho-1 against a frozen reference, per-sample rule (a batch rule depends on the split)
         selection = RecordingSelection(method="rho1", ratio=0.5, rule="sample_top")
         reference = ReferenceModel(path=os.environ["SSTOKEN_TEST_REFERENCE"], check_tokenizer=False, cache=CACHE)
@@ -111,6 +111,8 @@ def fit(devices, lora, mode, steps=STEPS, root=None, ckpt_path=None, extra_callb
         selection = RecordingSelection(method="sstoken", ratio=0.5, gamma=0.5)
         callbacks = [history, AttentionScore(layer=-1), selection, *extra_callbacks]
     data = batches(devices)
+    if mode == "packed":  # ssToken on packed rows: each rank packs its own share (rows of ≤ 48 of its ≤ 32-token samples)
+        data = [packing.pack(dict(b), 48, 0) for b in data]
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy(devices, distributed_checkpoint), max_steps=steps,
         logger=False,
