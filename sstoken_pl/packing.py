@@ -58,14 +58,20 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return rows
 
 
-def pack(batch: dict[str, torch.Tensor], capacity: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Adds ``batch["packed"]`` to a right-padded batch (``input_ids``, ``attention_mask`` ``[N, L]``); returns it."""
+def pack(batch: dict[str, torch.Tensor], capacity: int, pad_token_id: int, always: bool = False) -> dict[str, torch.Tensor]:
+    """Adds ``batch["packed"]`` to a right-padded batch (``input_ids``, ``attention_mask`` ``[N, L]``); returns it.
+
+    A batch whose rows would hold as many positions as its padded form (samples too long to share a row, or too
+    alike in length to leave padding) stays padded, unless ``always``: packing it would save nothing and lengthen
+    the attention rows."""
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     N, L = ids.shape
     lengths = mask.sum(1).tolist()
     rows = best_fit_decreasing(lengths, capacity)
     P = max(sum(lengths[i] for i in row) for row in rows) if rows else 1
     R = max(len(rows), 1)
+    if R * P >= N * L and not always:
+        return batch
     packed_ids = torch.full((R, P), pad_token_id, dtype=torch.long)
     positions = torch.zeros((R, P), dtype=torch.long)
     where = torch.full((N, L), -1, dtype=torch.long)

@@ -106,7 +106,7 @@ def _assert_equal(a, b, where="state"):
         (True, "sstoken", 6, False),  # LoRA base history (adapters off), at the end of epoch 0
         (False, "sstoken_snapshot", 5, False),  # between two snapshots (every 3 steps)
         (True, "sstoken_ema", 4, False),  # LoRA dropout: the random generators must be restored too
-        (True, "sstoken_ema", 3, True),  # packed rows (data.packing; rows of 640 hold 2–3 samples)
+        (True, "sstoken_ema", 3, True),  # data.packing: rows of 640 hold 2–3 samples (5 of 6 batches packed)
     ],
 )
 def test_resume_is_exact(tmp_path, lora, method, save_at, packed):

@@ -28,7 +28,8 @@ and padding) and ``index`` (``[B]``: the record's position in its file or split,
 
 Submodules: ``sources`` reads the records (``load_splits``, ``read_file``); ``formats`` detects and normalises their
 format (``detect_format``, ``normalise``, ``extract_final_answer``) and checks the weights in them (``check_weight``,
-``sample_weight``); ``collate`` pads samples into batches (``SFTCollator``) and places the synthetic task's noise on
+``sample_weight``); ``collate`` pads samples into batches (``SFTCollator``; with ``data.packing`` also into the packed rows
+the forward runs on: ``sstoken_pl.packing``) and places the synthetic task's noise on
 tokens (``noise_flags``); ``sampler`` holds the resumable training sampler and loader (``ResumableSampler``,
 ``ResumableDataLoader``: usable in any Lightning project); ``module`` holds ``SFTDataModule``. Every public name is
 importable from ``sstoken_pl.data`` itself. The held-out problems for answer accuracy (``SFTDataModule.eval_problems``)

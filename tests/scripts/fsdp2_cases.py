@@ -112,7 +112,7 @@ def fit(devices, lora, mode, steps=STEPS, root=None, ckpt_path=None, extra_callb
         callbacks = [history, AttentionScore(layer=-1), selection, *extra_callbacks]
     data = batches(devices)
     if mode == "packed":  # ssToken on packed rows: each rank packs its own share (rows of ≤ 48 of its ≤ 32-token samples)
-        data = [packing.pack(dict(b), 48, 0) for b in data]
+        data = [packing.pack(dict(b), 48, 0, always=True) for b in data]
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy(devices, distributed_checkpoint), max_steps=steps,
         logger=False,
