@@ -67,3 +67,14 @@ def test_check_arithmetic_counts_answer_lines_and_right_equations(tmp_path):
     path.write_text(json.dumps(rows[0]) + "\n{\"output\": 1\n")
     bad = tool("check_arithmetic.py", str(path))
     assert bad.returncode == 2 and f"{path} line 2" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_packing_reports_shares_and_throughput_ratios():
+    """The tiny model on the built-in task at max_length 1024 (its ~230-token samples pack 4 to a row)."""
+    out = tool("bench_packing.py", "--config", "configs/tiny.yaml", "--datasets", "builtin", "--methods", "full",
+               "--max-length", "1024", "--steps", "1", "--warmup", "1", "--rounds", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    padded, packed, share = re.search(r"builtin: 256 samples: padded batches ([0-9.]+)% padding; with packing ([0-9.]+)% "
+                                      r"\(([0-9]+)% of the batches packed\)", out.stdout).groups()
+    assert float(packed) < float(padded) and int(share) > 50, out.stdout
+    assert re.search(r"^builtin full packed/padded tokens/s: [0-9.]+$", out.stdout, flags=re.M), out.stdout
