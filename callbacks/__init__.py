@@ -1,6 +1,8 @@
 """Token selection as Lightning callbacks (``sstoken_pl.callbacks``): each one job, each a thin shell over pure functions.
 
-Providers of per-token inputs (each computes its input only when the selection method asks for it):
+Providers of per-token inputs (each computes its input only when the selection method asks for it), each a
+``TokenInputProvider`` (``provides``, ``compute``, a per-batch cache; ``TokenSelection`` prepares them in one fixed
+order: other models' forwards first, then the probes of the training forward armed):
 
 - ``HistoryModel``: ``history_nll``, the history model's per-token NLL (base / snapshot / EMA).
 - ``ReferenceModel``: ``reference_nll``, a frozen reference model's per-token NLL (Rho-1, TokenCleaning).
@@ -26,10 +28,11 @@ Display (the CLI's default bar):
 from sstoken_pl.callbacks.attention import AttentionScore
 from sstoken_pl.callbacks.history import HistoryModel
 from sstoken_pl.callbacks.progress import StepProgressBar
+from sstoken_pl.callbacks.provider import TokenInputProvider
 from sstoken_pl.callbacks.reference import ReferenceModel
 from sstoken_pl.callbacks.resume import ExactResume, SaveOnInterrupt
 from sstoken_pl.callbacks.selection import TokenSelection
 from sstoken_pl.callbacks.sequence_entropy import SequenceEntropy
 
 __all__ = ["AttentionScore", "ExactResume", "HistoryModel", "ReferenceModel", "SaveOnInterrupt", "SequenceEntropy", "StepProgressBar",
-           "TokenSelection"]
+           "TokenInputProvider", "TokenSelection"]

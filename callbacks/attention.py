@@ -8,15 +8,15 @@ from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sstoken_pl.attention import PromptAttentionProbe, check_chunk_size, check_layer, prompt_key_mask
 from sstoken_pl import packing
+from sstoken_pl.callbacks.provider import TokenInputProvider
 from sstoken_pl.errors import ConfigError
 
 
-class AttentionScore(Callback):
+class AttentionScore(TokenInputProvider):
     """Provides, for each training batch, the attention mass each token's query puts on the prompt (``[B, T]``).
 
     The score comes from one decoder layer of the training forward itself (no extra forward): the layer keeps its
@@ -39,61 +39,59 @@ class AttentionScore(Callback):
     from_training_forward = True  # read after the training forward, never before it
 
     def __init__(self, layer: int = -1, chunk_size: int = 256, model_attr: str = "model") -> None:
+        super().__init__(model_attr)
         self.layer = check_layer(layer, "AttentionScore.layer")
         self.chunk_size = check_chunk_size(chunk_size, "AttentionScore.chunk_size")
-        if not isinstance(model_attr, str) or not model_attr:
-            raise ConfigError(f"AttentionScore.model_attr must be a non-empty attribute name, got {model_attr!r}")
-        self.model_attr = model_attr
         self.active = True  # whether the next training batches capture scores
         self._probe: PromptAttentionProbe | None = None
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (the batch's labels, its scores)
 
     # ------------------------------------------------------------------ probe life cycle
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()
-        model = getattr(pl_module, self.model_attr, None)
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError(
-                f"AttentionScore: {type(pl_module).__name__}.{self.model_attr} is not a Hugging Face model (got "
-                f"{type(model).__name__}); set AttentionScore(model_attr=...) to the attribute that holds it"
-            )
+        model = self.hf_model(pl_module)
         try:
             self._probe = PromptAttentionProbe.install(model, layer=self.layer, chunk_size=self.chunk_size)
         except ConfigError as err:
             raise ConfigError(f"AttentionScore ({type(pl_module).__name__}.{self.model_attr}): {err}") from None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._remove()
 
     def _remove(self) -> None:
         if self._probe is not None:
             self._probe.remove()
             self._probe = None
-        self._cache = None
 
     # ------------------------------------------------------------------ per batch
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._cache = None
-        if self._probe is not None and self.active:
-            attention_mask = batch.get("attention_mask")
-            prompt = prompt_key_mask(batch["labels"], attention_mask)
-            if not packing.is_packed(batch):
-                self._probe.arm(prompt, attention_mask)
-                return
-            # packed rows: the masks in the rows' layout (as the forward's input, flattened for flash attention), and
-            # each query's own sample as the only keys it sees
-            shape = packing.model_inputs(getattr(pl_module, self.model_attr), batch)["input_ids"].shape
-            valid = torch.ones_like(batch["labels"], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            rows = [packing.to_rows(m, batch, False).view(shape) for m in (prompt, valid)]
-            positions = batch[packing.PACKED]["position_ids"].reshape(shape)
-            self._probe.arm(rows[0], rows[1], packing.segments(positions))
+        self.clear()
+        if not self.driven and self.active:  # on its own; a TokenSelection arms it after the other models' forwards
+            self.arm(pl_module, batch)
+
+    def arm(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> None:
+        """Capture the next forward over this batch (the training forward)."""
+        if self._probe is None:
+            return
+        attention_mask = batch.get("attention_mask")
+        prompt = prompt_key_mask(batch["labels"], attention_mask)
+        if not packing.is_packed(batch):
+            self._probe.arm(prompt, attention_mask)
+            return
+        # packed rows: the masks in the rows' layout (as the forward's input, flattened for flash attention), and
+        # each query's own sample as the only keys it sees
+        shape = packing.model_inputs(self.hf_model(pl_module), batch)["input_ids"].shape
+        valid = torch.ones_like(batch["labels"], dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        rows = [packing.to_rows(m, batch, False).view(shape) for m in (prompt, valid)]
+        positions = batch[packing.PACKED]["position_ids"].reshape(shape)
+        self._probe.arm(rows[0], rows[1], packing.segments(positions))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._cache = None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._probe is not None:
             self._probe.disarm()
 
@@ -108,9 +106,9 @@ class AttentionScore(Callback):
         Available once the training forward has run (e.g. from inside the loss); the same tensor is returned for
         the rest of the batch.
         """
-        key = batch["labels"]
-        if self._cache is not None and self._cache[0] is key:
-            return self._cache[1]
+        return self.token_input("attention", pl_module, batch)
+
+    def compute(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self._probe is None:
             raise RuntimeError("AttentionScore.scores: no probe installed (scores exist only during trainer.fit)")
         scores = self._probe.take()
@@ -121,14 +119,7 @@ class AttentionScore(Callback):
                 f"AttentionScore.scores: captured scores {tuple(scores.shape)} do not match this batch's labels "
                 f"{tuple(batch['labels'].shape)}"
             )
-        self._cache = (key, scores)
         return scores
-
-    def token_input(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The provider protocol of ``TokenSelection``: ``attention`` for this training batch."""
-        if name != "attention":
-            raise KeyError(f"AttentionScore provides attention, not {name!r}")
-        return self.scores(pl_module, batch)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -7,7 +7,6 @@ from typing import Any, Iterator, Literal, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch.func import functional_call
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
@@ -15,6 +14,7 @@ from sstoken_pl import sharding
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import per_token_nll, response_mask, response_rows, training_precision
 from sstoken_pl.models import response_logits
+from sstoken_pl.callbacks.provider import TokenInputProvider
 from sstoken_pl.token_cache import SampleCache
 
 Mode = Literal["base", "snapshot", "ema"]
@@ -32,18 +32,7 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
-def module_model(pl_module: pl.LightningModule, model_attr: str) -> torch.nn.Module:
-    """The Hugging Face model a callback works on: ``getattr(pl_module, model_attr)``, with a clear error."""
-    model = getattr(pl_module, model_attr, None)
-    if not isinstance(model, torch.nn.Module):
-        raise ConfigError(
-            f"{type(pl_module).__name__}.{model_attr} is not a torch module (got {type(model).__name__}); "
-            f"set the callback's model_attr to the attribute that holds the Hugging Face model"
-        )
-    return model
-
-
-class HistoryModel(Callback):
+class HistoryModel(TokenInputProvider):
     """Provides the history model's per-token NLL (no grad, eval mode) for each training batch.
 
     Args:
@@ -81,6 +70,7 @@ class HistoryModel(Callback):
         cache: bool = True,
         scores: Optional[str] = None,
     ) -> None:
+        super().__init__(model_attr)
         if mode not in ("base", "snapshot", "ema"):
             raise ConfigError(f"HistoryModel.mode must be 'base', 'snapshot' or 'ema', got {mode!r}")
         if not (0.0 <= ema_decay < 1.0):
@@ -90,7 +80,6 @@ class HistoryModel(Callback):
         self.mode = mode
         self.ema_decay = float(ema_decay)
         self.snapshot_every = int(snapshot_every)
-        self.model_attr = model_attr
         if scores is not None and mode != "base":
             raise ConfigError(f"HistoryModel.scores holds a fixed model's values: only mode base reads it, not {mode!r}")
         self.scores = scores
@@ -98,8 +87,6 @@ class HistoryModel(Callback):
         self._weights: dict[str, torch.Tensor] | None = None  # history values of the trainable parameters
         self._last_step = 0  # trainer.global_step at the last update
         self._pending: dict[str, Any] | None = None  # state loaded from a checkpoint, applied at fit start
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (the batch's input_ids, its NLL)
-        self._rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (input_ids, NLL, logit rows)
         self.cache = bool(cache)
         self._samples = SampleCache() if self.cache and mode == "base" else None  # later epochs: no extra forward
         self._sharded = False  # FSDP2: the weights are this rank's local shards of the parameters' DTensors
@@ -111,13 +98,13 @@ class HistoryModel(Callback):
 
             fingerprint = run_fingerprint(pl_module, trainer.datamodule, trainer.precision, "base")
             self._store = check_store(self.scores, fingerprint, "HistoryModel.scores")
-        model = module_model(pl_module, self.model_attr)
+        model = self.hf_model(pl_module)
         sharding.check_strategy(trainer, f"HistoryModel(mode={self.mode!r})", needs_weights=self._needs_weights(model))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start, not on_fit_start: it runs after the checkpoint is restored for every strategy (FSDP and
         # DeepSpeed restore after on_fit_start).
-        model = module_model(pl_module, self.model_attr)
+        model = self.hf_model(pl_module)
         self._sharded = sharding.is_sharded(model)
         if self._pending is not None:
             if self._pending.get("weights_in") == "distributed_checkpoint":
@@ -147,13 +134,13 @@ class HistoryModel(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._cache = self._rows = None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.global_step <= self._last_step or self._weights is None:
             return  # no optimizer step since the last update (gradient accumulation), or nothing to update
         if not self.should_update(trainer.global_step):
             self._last_step = trainer.global_step
             return
-        model = module_model(pl_module, self.model_attr)
+        model = self.hf_model(pl_module)
         current = dict(self._trainable(model))
         names = list(self._weights)
         decay = float(self.decay(trainer.global_step))
@@ -201,43 +188,35 @@ class HistoryModel(Callback):
             params = dict(model.named_parameters())
             yield {n: w if w.dtype == params[n].dtype else w.to(params[n].dtype) for n, w in self._weights.items()}
 
-    @torch.no_grad()
     def history_nll(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``FloatTensor[B, T]``: the history model's per-token NLL of this batch (aligned with ``labels``).
 
         Computed once per training batch (one extra forward, no grad, eval mode) and cached until the batch ends.
         """
-        key = batch["input_ids"]
-        if self._cache is not None and self._cache[0] is key:
-            return self._cache[1]
-        if self._rows is not None and self._rows[0] is key:
-            return self._rows[1]
-        if self._store is not None:
-            nll = self._store.lookup(_index(batch, "HistoryModel.scores"), response_mask(batch["labels"]))
-            self._cache = (key, nll)
-            return nll
-        if self._samples is not None:  # base history: the same values every epoch (FSDP2: all ranks hit or none)
-            compute = lambda: self._forward(pl_module, batch)  # noqa: E731
-            nll = self._samples.fetch(batch, compute, lambda hit: sharding.everywhere(hit, self._sharded))
-        else:
-            nll = self._forward(pl_module, batch)
-        self._cache = (key, nll)
-        return nll
+        return self.token_input("history_nll", pl_module, batch)
 
-    @torch.no_grad()
     def history_logits(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[N, V]``: the history model's logits at the rows that predict a response token of this batch (no grad,
         eval mode, the model's dtype); with its NLL from the same forward. Kept until the batch ends."""
-        key = batch["input_ids"]
-        if self._store is not None:
-            raise ConfigError("HistoryModel.scores holds per-token NLL only; history_logits (asft) needs the model: drop scores")
-        if self._rows is None or self._rows[0] is not key:
+        return self.token_input("history_logits", pl_module, batch)
+
+    @torch.no_grad()
+    def compute(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if name == "history_logits":  # one forward gives both: its NLL is kept for history_nll
+            if self._store is not None:
+                raise ConfigError("HistoryModel.scores holds per-token NLL only; history_logits (asft) needs the model: drop scores")
             nll, rows = self._forward(pl_module, batch, with_rows=True)
-            self._rows = (key, nll, rows)
-        return self._rows[2]
+            self._batch_values.setdefault("history_nll", nll)
+            return rows
+        if self._store is not None:
+            return self._store.lookup(_index(batch, "HistoryModel.scores"), response_mask(batch["labels"]))
+        if self._samples is not None:  # base history: the same values every epoch (FSDP2: all ranks hit or none)
+            compute = lambda: self._forward(pl_module, batch)  # noqa: E731
+            return self._samples.fetch(batch, compute, lambda hit: sharding.everywhere(hit, self._sharded))
+        return self._forward(pl_module, batch)
 
     def _forward(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor], with_rows: bool = False):
-        model = module_model(pl_module, self.model_attr)
+        model = self.hf_model(pl_module)
         was_training = model.training
         model.eval()
         try:  # in the training step's precision (autocast), or REL would carry its rounding
@@ -252,14 +231,6 @@ class HistoryModel(Callback):
         finally:
             model.train(was_training)
         return (nll, rows) if with_rows else nll
-
-    def token_input(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The provider protocol of ``TokenSelection``: ``history_nll`` or ``history_logits`` for this batch."""
-        if name == "history_logits":
-            return self.history_logits(pl_module, batch)
-        if name != "history_nll":
-            raise KeyError(f"HistoryModel provides history_nll and history_logits, not {name!r}")
-        return self.history_nll(pl_module, batch)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -279,7 +250,7 @@ class HistoryModel(Callback):
         if not (self._sharded and self._weights is not None):
             return
         state = checkpoint["callbacks"][self.state_key]
-        params = sharding.named_parameters(module_model(pl_module, self.model_attr))
+        params = sharding.named_parameters(self.hf_model(pl_module))
         shards = {n: sharding.as_dtensor_like(params[n], w) for n, w in self._weights.items()}
         if getattr(trainer.strategy, "_save_distributed_checkpoint", True):
             checkpoint["state_dict"].update({sharding.HISTORY_PREFIX + n: t for n, t in shards.items()})

@@ -6,13 +6,13 @@ from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from sstoken_pl import packing, sharding
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import per_token_nll, training_precision
 from sstoken_pl.models import dtype_name, find_exported_model, load_causal_lm, response_logits
+from sstoken_pl.callbacks.provider import TokenInputProvider
 from sstoken_pl.token_cache import SampleCache
 
 
@@ -32,7 +32,7 @@ def missing_local_path(path: str) -> Optional[str]:
     return f"{os.path.abspath(os.path.expanduser(path))} does not exist" if local else None
 
 
-class ReferenceModel(Callback):
+class ReferenceModel(TokenInputProvider):
     """Provides ``reference_nll``: a frozen reference model's per-token NLL of each training batch (no grad, eval).
 
     Rho-1 and TokenCleaning score tokens against a reference model: the base model fine-tuned on a small clean,
@@ -72,6 +72,7 @@ class ReferenceModel(Callback):
         cache: bool = True,
         scores: Optional[str] = None,
     ) -> None:
+        super().__init__(model_attr)
         self.scores = scores
         self._store = None
         if path is None and scores is not None:
@@ -88,10 +89,8 @@ class ReferenceModel(Callback):
         self.path = path
         self.gguf_file = gguf_file
         self.dtype = dtype
-        self.model_attr = model_attr
         self.check_tokenizer = check_tokenizer
         self.model: torch.nn.Module | None = None
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cache = bool(cache)
         self._samples: SampleCache | None = None  # per training sample, refilled at each fit start
 
@@ -162,28 +161,23 @@ class ReferenceModel(Callback):
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self.model = None
-        self._cache = None
         self._samples = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._cache = None
-
     # ------------------------------------------------------------------ the provided quantity
-    @torch.no_grad()
     def reference_nll(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``FloatTensor[B, T]``: the reference model's per-token NLL of this batch (aligned with ``labels``),
         computed once per batch and cached until the batch ends."""
-        key = batch["input_ids"]
-        if self._cache is not None and self._cache[0] is key:
-            return self._cache[1]
+        return self.token_input("reference_nll", pl_module, batch)
+
+    @torch.no_grad()
+    def compute(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if self._store is not None:
             from sstoken_pl.callbacks.history import _index
             from sstoken_pl.loss import response_mask
 
-            nll = self._store.lookup(_index(batch, "ReferenceModel.scores"), response_mask(batch["labels"]))
-            self._cache = (key, nll)
-            return nll
+            return self._store.lookup(_index(batch, "ReferenceModel.scores"), response_mask(batch["labels"]))
         if self.model is None:
             raise RuntimeError("ReferenceModel: no model loaded (it is loaded at fit start)")
         if self.cache and self._samples is None:
@@ -193,17 +187,8 @@ class ReferenceModel(Callback):
                 return per_token_nll(response_logits(self.model, batch), batch["labels"])
 
         if self._samples is not None:  # FSDP2: the forward is skipped only if every rank hits
-            nll = self._samples.fetch(batch, compute, lambda hit: sharding.everywhere(hit, sharding.is_sharded(self.model)))
-        else:
-            nll = compute()
-        self._cache = (key, nll)
-        return nll
-
-    def token_input(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The provider protocol of ``TokenSelection``: ``reference_nll`` for this batch."""
-        if name != "reference_nll":
-            raise KeyError(f"ReferenceModel provides reference_nll, not {name!r}")
-        return self.reference_nll(pl_module, batch)
+            return self._samples.fetch(batch, compute, lambda hit: sharding.everywhere(hit, sharding.is_sharded(self.model)))
+        return compute()
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

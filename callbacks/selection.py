@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sstoken_pl import selection, sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, training_precision
+from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, register_selector, training_precision
 from sstoken_pl.loss import response_mask as response_positions
 from sstoken_pl.models import response_logits
 from sstoken_pl.methods import CURRENT_INPUTS, PROVIDERS, RULES, get_method, resolve_options
@@ -195,6 +195,13 @@ class TokenSelection(Callback):
             if name not in needed and not set(getattr(cb, "provides", ())) & needed:
                 rank_zero_warn(f"{what} does not use {type(cb).__name__} ({name}); remove it to save its cost")
         self._providers = {n: cb for n, cb in providers.items() if n in needed}
+        for cb in set(self._providers.values()):  # the probes it uses are armed by it, in the fixed order below
+            if getattr(cb, "from_training_forward", False) and hasattr(cb, "arm"):
+                cb.driven = True
+        register_selector(trainer, self)
+        module_step = getattr(pl_module, "token_step", None)
+        if isinstance(module_step, StepTokenMean):  # one step-wide token mean per fit: the module's, shared
+            self.token_step = module_step
         self._early_steps = 0
         if self.early_options is not None and self.early_fraction > 0:
             total = trainer.estimated_stepping_batches
@@ -214,14 +221,26 @@ class TokenSelection(Callback):
         self._called = False
         if self.rule == "global_threshold" and self.threshold is None and trainer.global_step >= self.warmup_steps:
             self.threshold = self._scoring_pass(trainer, pl_module)
-        # Inputs of other models (history, reference) before the training forward: their no-grad forwards then never
-        # coexist with the training graph, so the step's peak memory is the training forward's alone.
-        attention = self._providers.get("attention")
-        with attention.paused() if attention is not None else contextlib.nullcontext():  # not the history's forward
-            for name in sorted(self._needs_at(trainer.global_step) | self.objective.provider_inputs):
-                provider = self._providers.get(name)
-                if name not in CURRENT_INPUTS and provider is not None and not getattr(provider, "from_training_forward", False):
-                    self._providers[name].token_input(name, pl_module, batch)
+        # The providers, in one fixed order before the training forward: (1) other models' forwards (history,
+        # reference, or their score stores), with every probe paused — their no-grad forwards then never coexist
+        # with the training graph, so the step's peak memory is the training forward's alone; (2) the probes of the
+        # training forward (attention, sequence entropy) armed, so that they capture that forward and nothing else.
+        names = sorted(self._needs_at(trainer.global_step) | self.objective.provider_inputs)
+        used = [(n, self._providers[n]) for n in names if n not in CURRENT_INPUTS and n in self._providers]
+        probes = {id(cb): cb for cb in self._providers.values() if getattr(cb, "from_training_forward", False)}
+        with contextlib.ExitStack() as stack:
+            for probe in probes.values():
+                if hasattr(probe, "paused"):
+                    stack.enter_context(probe.paused())
+            for name, provider in used:
+                if not getattr(provider, "from_training_forward", False):
+                    prepare = getattr(provider, "prepare", None)
+                    prepare(pl_module, batch, name) if prepare else provider.token_input(name, pl_module, batch)
+        armed = set()
+        for name, provider in used:
+            if getattr(provider, "from_training_forward", False) and getattr(provider, "driven", False) and id(provider) not in armed:
+                armed.add(id(provider))
+                provider.arm(pl_module, batch)
 
     def select(
         self,

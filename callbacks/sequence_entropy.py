@@ -6,9 +6,9 @@ from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from sstoken_pl import packing
+from sstoken_pl.callbacks.provider import TokenInputProvider
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import _CHUNK_ELEMENTS
 from sstoken_pl.models import fused_head_problem, unwrap
@@ -45,7 +45,7 @@ def entropy_at(hidden: torch.Tensor, head: torch.nn.Module, attended: torch.Tens
     return out.masked_scatter(attended, torch.cat(values))
 
 
-class SequenceEntropy(Callback):
+class SequenceEntropy(TokenInputProvider):
     """Provides ``sequence_entropy`` (the predictive entropy at every attended position of the training batch,
     prompt included) and ``attended`` (those positions, as 0/1) — Q-Tuning's uncertainty axis as the authors' code
     computes it (``sstoken_pl.qtuning``).
@@ -62,23 +62,15 @@ class SequenceEntropy(Callback):
     from_training_forward = True  # read after the training forward, never before it
 
     def __init__(self, model_attr: str = "model") -> None:
-        if not isinstance(model_attr, str) or not model_attr:
-            raise ConfigError(f"SequenceEntropy.model_attr must be a non-empty attribute name, got {model_attr!r}")
-        self.model_attr = model_attr
+        super().__init__(model_attr)
         self._handle = None
         self._head: torch.nn.Module | None = None
         self._armed = False
         self._hidden: torch.Tensor | None = None
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove()
-        model = getattr(pl_module, self.model_attr, None)
-        if not isinstance(model, torch.nn.Module):
-            raise ConfigError(
-                f"SequenceEntropy: {type(pl_module).__name__}.{self.model_attr} is not a Hugging Face model (got "
-                f"{type(model).__name__}); set SequenceEntropy(model_attr=...) to the attribute that holds it"
-            )
+        model = self.hf_model(pl_module)
         base = unwrap(model)
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -99,36 +91,38 @@ class SequenceEntropy(Callback):
             self._hidden = (hidden if hidden is not None else output[0]).detach()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._remove()
 
     def _remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._armed, self._hidden, self._cache = False, None, None
+        self._armed, self._hidden = False, None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._armed, self._hidden, self._cache = True, None, None
+        self.clear()
+        if not self.driven:  # on its own; a TokenSelection arms it after the other models' forwards
+            self._armed, self._hidden = True, None
+
+    def arm(self, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> None:
+        """Keep the hidden states of the next forward (the training forward)."""
+        self._armed, self._hidden = True, None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._armed, self._hidden, self._cache = False, None, None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._armed, self._hidden = False, None
 
-    def token_input(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The provider protocol of ``TokenSelection``, after the training forward (the last forward the hook saw)."""
-        if name not in self.provides:
-            raise KeyError(f"SequenceEntropy provides {', '.join(self.provides)}, not {name!r}")
+    def compute(self, name: str, pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """After the training forward (the last forward the hook saw while armed)."""
         attended = attended_positions(batch)
         if name == "attended":
             return attended.float()
-        key = batch["labels"]
-        if self._cache is not None and self._cache[0] is key:
-            return self._cache[1]
-        if self._hidden is not None and packing.is_packed(batch):  # the packed forward's rows → the samples view
-            self._hidden = packing.to_samples(self._hidden, batch)
-        if self._hidden is None or self._hidden.shape[:2] != key.shape:
+        hidden = self._hidden
+        if hidden is not None and packing.is_packed(batch):  # the packed forward's rows → the samples view
+            hidden = packing.to_samples(hidden, batch)
+        if hidden is None or hidden.shape[:2] != batch["labels"].shape:
             raise RuntimeError("SequenceEntropy: no hidden states of this training batch (is the hook installed?)")
-        entropy = entropy_at(self._hidden, self._head, attended)
-        self._cache = (key, entropy)
-        return entropy
+        return entropy_at(hidden, self._head, attended)

@@ -351,12 +351,26 @@ class TokenSelector(Protocol):
     ) -> torch.Tensor: ...
 
 
+_SELECTOR = "_sstoken_selector"
+
+
+def register_selector(trainer: Any, selector: Any) -> None:
+    """Remember ``selector`` as the trainer's token selector (``TokenSelection`` does at fit start)."""
+    setattr(trainer, _SELECTOR, (trainer.callbacks, len(trainer.callbacks), selector))
+
+
 def token_selector(pl_module: Any) -> TokenSelector | None:
-    """The token selector attached to the module's trainer (a callback implementing ``TokenSelector``), if any."""
+    """The token selector attached to the module's trainer (a callback implementing ``TokenSelector``), if any:
+    found once per trainer (again only if its callbacks list changes), not on every call."""
     trainer = getattr(pl_module, "_trainer", None)
     if trainer is None:
         return None
-    return next((cb for cb in trainer.callbacks if isinstance(cb, TokenSelector)), None)
+    found = getattr(trainer, _SELECTOR, None)
+    if found is None or found[0] is not trainer.callbacks or found[1] != len(trainer.callbacks):
+        selector = next((cb for cb in trainer.callbacks if isinstance(cb, TokenSelector)), None)
+        register_selector(trainer, selector)
+        return selector
+    return found[2]
 
 
 def step_token_mean(pl_module: Any) -> StepTokenMean | None:

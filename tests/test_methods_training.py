@@ -129,8 +129,8 @@ def test_qtuning_paper_gets_entropy_and_drops_whole_samples(tiny_llama):
 
 def test_release_schedule_is_attention_only_first(tiny_llama, monkeypatch):
     calls = []
-    real = HistoryModel.history_nll
-    monkeypatch.setattr(HistoryModel, "history_nll", lambda self, m, b: calls.append(m.trainer.global_step) or real(self, m, b))
+    real = HistoryModel.compute  # what every read of history_nll runs, once per batch
+    monkeypatch.setattr(HistoryModel, "compute", lambda self, n, m, b: calls.append(m.trainer.global_step) or real(self, n, m, b))
     spy = Spy(method="sstoken", gamma=0.5, early_gamma=0.0, early_fraction=0.4)
     trainer(max_steps=5, callbacks=[HistoryModel(), AttentionScore(), spy]).fit(
         ForeignModule(tiny_llama, lr=0.5), train_dataloaders=loader(random_batches(5))

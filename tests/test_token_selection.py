@@ -188,3 +188,43 @@ def test_decoded_samples_are_logged(tiny_llama, tmp_path, byte_tok):
     for line in lines:
         assert len(line["tokens"]) == len(line["kept"]) and set(line["kept"]) <= {0, 1} and line["noise"] is None
         assert 0 < sum(line["kept"]) < len(line["kept"])
+
+
+def test_providers_prepare_in_one_fixed_order_whatever_the_callbacks_order(tiny_llama):
+    """A provider of one's own (``TokenInputProvider``): other models' inputs are prepared before the probes are
+    armed, each input is computed once per batch, and a method reads both — in either order of the callbacks."""
+    from sstoken_pl.callbacks import TokenInputProvider
+    from sstoken_pl.methods import Method, register_method
+
+    events = []
+
+    class Other(TokenInputProvider):  # another model's per-token input
+        provides = ("other_nll",)
+
+        def compute(self, name, pl_module, batch):
+            events.append("other")
+            return torch.zeros(batch["labels"].shape)
+
+    class Probe(TokenInputProvider):  # captured from the training forward
+        provides = ("probe",)
+        from_training_forward = True
+
+        def arm(self, pl_module, batch):
+            events.append("arm")
+
+        def compute(self, name, pl_module, batch):
+            events.append("probe")
+            return torch.ones(batch["labels"].shape)
+
+    def score(inputs, resp, options, generator):
+        return inputs["probe"] - inputs["other_nll"] + torch.rand(resp.shape, generator=generator)
+
+    register_method(Method("two_inputs", inputs=lambda options: frozenset({"other_nll", "probe"}), score=score,
+                           rule="sample_top"))
+    for order in ("providers_first", "selection_first"):
+        events.clear()
+        providers = [Other(), Probe()]
+        selection = TokenSelection(method="two_inputs", ratio=0.5)
+        callbacks = providers + [selection] if order == "providers_first" else [selection] + providers[::-1]
+        trainer(max_steps=2, callbacks=callbacks).fit(ForeignModule(tiny_llama), train_dataloaders=loader(random_batches(2)))
+        assert events == ["other", "arm", "probe"] * 2, (order, events)
