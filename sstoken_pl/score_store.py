@@ -35,7 +35,38 @@ from sstoken_pl.errors import ConfigError
 VERSION = 1
 
 
-class ScoreStore:
+class ScoreReader:
+    """Per-sample values by sample index, read into a batch's layout: what ``HistoryModel`` and ``ReferenceModel``
+    read their fixed model's values from. Two cases: ``ScoreStore`` (on disk, made once by ``python -m sstoken_pl
+    score``, shared by every run) and ``sstoken_pl.token_cache.SampleCache`` (in memory, filled by the first forward
+    over each sample, for one fit). Subclasses give ``values(index)``; ``lookup`` is common."""
+
+    path: str = "memory"
+
+    def values(self, index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def lookup(self, index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``FloatTensor[B, T]`` on ``positions``' device: each sample's stored values scattered into its ``True``
+        positions (the response positions of its labels), 0 elsewhere. A sample whose stored length differs from its
+        number of positions is one clear error (a store of other data or another tokenizer)."""
+        rows = []
+        counts = positions.sum(dim=1).tolist()
+        for b, i in enumerate(index.tolist()):
+            values = self.values(i)
+            if len(values) != counts[b]:
+                raise ConfigError(
+                    f"scores: {self.path} holds {len(values)} values for sample {i}, whose batch has {counts[b]} "
+                    f"response tokens: the store was made from other data, tokenizer or max_length"
+                )
+            rows.append(values.float() if isinstance(values, torch.Tensor) else torch.from_numpy(np.array(values)))
+        flat = torch.cat(rows) if rows else torch.zeros(0)
+        out = torch.zeros(positions.shape, dtype=torch.float32)
+        out[positions.cpu()] = flat
+        return out.to(positions.device)
+
+
+class ScoreStore(ScoreReader):
     """Per-sample float32 values, by sample index. Open with ``ScoreStore(path)``; write with ``ScoreStore.create``."""
 
     def __init__(self, path: str) -> None:
@@ -102,25 +133,6 @@ class ScoreStore:
             raise ConfigError(f"scores: {self.path} holds no values for sample {int(index)}")
         _, offset, length, shard = (int(v) for v in self._table[i])
         return self._values[shard][offset : offset + length]
-
-    def lookup(self, index: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``FloatTensor[B, T]`` on ``positions``' device: each sample's stored values scattered into its ``True``
-        positions (the response positions of its labels), 0 elsewhere. A sample whose stored length differs from its
-        number of positions is one clear error (a store of other data or another tokenizer)."""
-        rows = []
-        counts = positions.sum(dim=1).tolist()
-        for b, i in enumerate(index.tolist()):
-            values = self.values(i)
-            if len(values) != counts[b]:
-                raise ConfigError(
-                    f"scores: {self.path} holds {len(values)} values for sample {i}, whose batch has {counts[b]} "
-                    f"response tokens: the store was made from other data, tokenizer or max_length"
-                )
-            rows.append(torch.from_numpy(np.array(values)))
-        flat = torch.cat(rows) if rows else torch.zeros(0)
-        out = torch.zeros(positions.shape, dtype=torch.float32)
-        out[positions.cpu()] = flat
-        return out.to(positions.device)
 
     # ------------------------------------------------------------------ writing
     @classmethod

@@ -6,6 +6,9 @@ the CPU, 4 bytes per response token of the training set) with a fingerprint of t
 positions: a changed dataset, tokenizer, template or ``max_length`` changes the fingerprint and the entry is
 recomputed. The cache lives for one ``fit`` (it is not written to checkpoints; a resumed run refills it). Where the
 padding falls does not matter: values are stored and put back by response position.
+
+It is the in-memory case of a score store (``sstoken_pl.score_store.ScoreReader``): the same ``values(index)`` and
+``lookup(index, positions)``, filled as the fit goes instead of by ``python -m sstoken_pl score`` beforehand.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from typing import Callable, Mapping
 import torch
 
 from sstoken_pl.loss import response_mask
+from sstoken_pl.score_store import ScoreReader
 
 
-class SampleCache:
+class SampleCache(ScoreReader):
     """Values ``[B, T]`` of a batch by sample (``batch["index"]``), at the positions of ``mask``."""
 
     def __init__(self) -> None:
@@ -57,8 +61,14 @@ class SampleCache:
             self.misses += 1
             return None, keys
         self.hits += 1
-        flat = torch.cat([f[1] for f in found]).to(mask.device, non_blocking=True)
-        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, flat), keys
+        return self.lookup(batch["index"], mask), keys
+
+    def values(self, index: int) -> torch.Tensor:
+        """The values kept for sample ``index`` (at its response positions)."""
+        found = self._store.get(int(index))
+        if found is None:
+            raise KeyError(f"SampleCache: no values for sample {int(index)}")
+        return found[1]
 
     def fetch(
         self,
