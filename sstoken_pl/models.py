@@ -91,6 +91,10 @@ def load_causal_lm(
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, gguf_file)):
             raise ConfigError(f"model.gguf_file: {gguf_file!r} is not in {path}")
         kwargs["gguf_file"] = gguf_file
+    if not gguf_file:
+        from sstoken_pl.hub import offline_kwargs
+
+        kwargs.update(offline_kwargs(path, "model.model_name_or_path"))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:

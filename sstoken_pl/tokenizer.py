@@ -66,6 +66,10 @@ def load_tokenizer(source: str | None, gguf_file: str | None = None):
 
         path = resolve_source(source)
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        if not gguf_file:
+            from sstoken_pl.hub import offline_kwargs
+
+            kwargs.update(offline_kwargs(path, f"the tokenizer {source!r}"))
         try:
             tok = AutoTokenizer.from_pretrained(path, **kwargs)
         except OSError as err:

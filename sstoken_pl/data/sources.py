@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any, Optional
 
-from sstoken_pl.errors import DataError
+from sstoken_pl.errors import ConfigError, DataError
 
 DATA_EXTENSIONS = (".json", ".jsonl", ".parquet")
 # A file name's split, from its first word (as Hugging Face datasets infers splits): train, validation or test.
@@ -87,6 +87,13 @@ def _split_of(file_name: str) -> str:
 def _read_hub(name: str, config: Optional[str] = None) -> dict[str, list[Record]]:
     import datasets
 
+    from sstoken_pl.hub import offline_kwargs
+
+    try:  # offline with a cached copy: datasets reads its cache under HF_DATASETS_OFFLINE
+        if offline_kwargs(name, "data.path", kind="dataset"):
+            os.environ["HF_DATASETS_OFFLINE"] = "1"
+    except ConfigError as err:
+        raise DataError(str(err)) from None
     try:
         loaded = datasets.load_dataset(name, config)
     except (OSError, ValueError) as err:
