@@ -95,7 +95,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--share-only", action="store_true", help="only the padding shares (no model forward)")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     args = parser.parse_args(argv)
-    import torch
     import yaml
 
     with open(args.config) as f:
@@ -135,7 +134,6 @@ def main(argv: list[str] | None = None) -> None:
                 lines.append(f"{name} {method} packed/padded tokens/s: {packed / padded:.2f}")
     print()
     print("\n".join(lines))
-    del torch
 
 
 if __name__ == "__main__":
