@@ -30,8 +30,9 @@ def test_every_method_has_a_config():
             "rho1", "tokencleaning", "qtuning"} <= set(METHODS)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_method_config_trains(method, reference, tmp_path):
+def local_method_config(method, reference, tmp_path):
+    """``configs/methods/<method>.yaml`` with the reference path set to ``reference`` and a 2-batch threshold pass,
+    written under ``tmp_path``; returns its path."""
     with open(os.path.join(ROOT, "configs", "methods", f"{method}.yaml")) as f:
         config = yaml.safe_load(f)
     for cb in config["trainer"]["callbacks+"]:
@@ -39,8 +40,14 @@ def test_method_config_trains(method, reference, tmp_path):
             cb["init_args"]["path"] = str(reference)
         if cb["class_path"].endswith("TokenSelection") and "threshold_batches" in cb["init_args"]:
             cb["init_args"]["threshold_batches"] = 2
-    method_config = tmp_path / f"{method}.yaml"
-    method_config.write_text(yaml.safe_dump(config))
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_config_trains(method, reference, tmp_path):
+    method_config = local_method_config(method, reference, tmp_path)
     args = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--config", str(method_config),
             f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
             "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 
 from sstoken_pl import packing
@@ -15,7 +14,7 @@ from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import per_token_nll
 from sstoken_pl.models import load_causal_lm, response_logits, tiny_llama_config
 from tests.test_cli import ROOT
-from tests.test_method_configs import METHODS, reference  # noqa: F401 (the fixture)
+from tests.test_method_configs import METHODS, local_method_config, reference  # noqa: F401 (the fixture)
 
 
 def _samples(lengths, vocab=261, seed=0, prompt=0.4):
@@ -131,15 +130,7 @@ def _fit(tmp_path, method, reference_run, packed, name):
     from sstoken_pl.data import SFTDataModule
     from sstoken_pl.module import SFTModule
 
-    with open(os.path.join(ROOT, "configs", "methods", f"{method}.yaml")) as f:
-        config = yaml.safe_load(f)
-    for cb in config["trainer"]["callbacks+"]:
-        if cb["class_path"].endswith("ReferenceModel"):
-            cb["init_args"]["path"] = str(reference_run)
-        if cb["class_path"].endswith("TokenSelection") and "threshold_batches" in cb["init_args"]:
-            cb["init_args"]["threshold_batches"] = 2
-    method_config = tmp_path / f"{method}.yaml"
-    method_config.write_text(yaml.safe_dump(config))
+    method_config = local_method_config(method, reference_run, tmp_path)
     args = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--config", str(method_config),
             f"--trainer.default_root_dir={tmp_path / name}", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
             "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
