@@ -14,13 +14,13 @@ paper() {  # the paper's regime on the built-in task (one epoch of 1600 problems
 # 1. seed 0 of the methods without a reference
 paper --methods full sstoken_release --seeds 0
 paper --methods sstoken random --seeds 0
-# 2. today's regime (30 steps at lr 1e-3, the config's data order) again, now with retention: seed 0 of each method
+# 2. seed 0 of the reference-based methods (the reference, its full+clean row) and Q-Tuning
+paper --methods rho1 --seeds 0
+paper --methods tokencleaning qtuning --seeds 0
+# 3. today's regime (30 steps at lr 1e-3, the config's data order) again, now with retention: seed 0 of each method
 #    reproduces experiments/synthetic's seed 0 (the runs are seeded) and adds the retention measures
 python tools/compare.py --config configs/quickstart.yaml --methods $ALL --seeds 0 \
   --out experiments/regime_30step/synthetic --extra "$NOISE --trainer.val_check_interval=10"
-# 3. seed 0 of the reference-based methods (the reference, its full+clean row) and Q-Tuning
-paper --methods rho1 --seeds 0
-paper --methods tokencleaning qtuning --seeds 0
 # 4. seeds 1 and 2
 paper --methods $ALL --seeds 0 1 2
 # 5. GSM8K train in the same regime (one epoch of 1600 problems = 200 steps), one seed
