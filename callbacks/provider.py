@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+from typing import Any, Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -85,3 +86,41 @@ class TokenInputProvider(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.clear()
+
+
+def find_providers(callbacks: Iterable[Any]) -> dict[str, Any]:
+    """Input name → the callback among ``callbacks`` that provides it (its ``provides``); two providers of one name
+    are one ``ConfigError``."""
+    providers: dict[str, Any] = {}
+    for cb in callbacks:
+        for name in getattr(cb, "provides", ()):
+            if name in providers:
+                raise ConfigError(
+                    f"trainer.callbacks: both {type(providers[name]).__name__} and {type(cb).__name__} provide "
+                    f"{name!r}; keep one"
+                )
+            providers[name] = cb
+    return providers
+
+
+def prepare_providers(
+    pl_module: pl.LightningModule, batch: Mapping[str, torch.Tensor], used: Sequence[tuple[str, Any]], every: Iterable[Any]
+) -> None:
+    """Before the training forward, in the fixed order ``TokenInputProvider`` describes: (1) the inputs of other
+    models' forwards in ``used`` (name, provider), with every probe among ``every`` paused — their no-grad forwards
+    then never coexist with the training graph, so the step's peak memory is the training forward's alone; (2) the
+    driven probes in ``used`` armed, so that they capture the training forward and nothing else."""
+    probes = {id(cb): cb for cb in every if getattr(cb, "from_training_forward", False)}
+    with contextlib.ExitStack() as stack:
+        for probe in probes.values():
+            if hasattr(probe, "paused"):
+                stack.enter_context(probe.paused())
+        for name, provider in used:
+            if not getattr(provider, "from_training_forward", False):
+                prepare = getattr(provider, "prepare", None)
+                prepare(pl_module, batch, name) if prepare else provider.token_input(name, pl_module, batch)
+    armed = set()
+    for name, provider in used:
+        if getattr(provider, "from_training_forward", False) and getattr(provider, "driven", False) and id(provider) not in armed:
+            armed.add(id(provider))
+            provider.arm(pl_module, batch)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from sstoken_pl import selection, sharding
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import StepTokenMean, check_loss_normalization, per_token_nll, register_selector, training_precision
-from sstoken_pl.loss import response_mask as response_positions
-from sstoken_pl.models import response_logits
+from sstoken_pl.loss import StepTokenMean, check_loss_normalization, register_selector
 from sstoken_pl.methods import CURRENT_INPUTS, PROVIDERS, RULES, get_method, resolve_options
+from sstoken_pl.callbacks.provider import find_providers, prepare_providers
 from sstoken_pl.callbacks.selection_samples import render_selection, write_samples  # noqa: F401 (public name)
+from sstoken_pl.callbacks.threshold import global_threshold
 from sstoken_pl.objectives import get_objective, resolve_objective_options
 
 Rule = Literal["sample_top", "batch_top", "global_threshold", "weights", "all"]
@@ -165,15 +164,7 @@ class TokenSelection(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log_dir = trainer.log_dir  # on every rank: under DDP, log_dir is a collective call
         sharding.check_step_mean_supported(trainer, self.loss_normalization, "TokenSelection.loss_normalization")
-        providers: dict[str, Any] = {}
-        for cb in trainer.callbacks:
-            for name in getattr(cb, "provides", ()):
-                if name in providers:
-                    raise ConfigError(
-                        f"trainer.callbacks: both {type(providers[name]).__name__} and {type(cb).__name__} provide "
-                        f"{name!r}; keep one"
-                    )
-                providers[name] = cb
+        providers = find_providers(trainer.callbacks)
         needed = self.method.needs(self.options) | self.method.needs(self.early_options or self.options)
         needed = needed | self.objective.provider_inputs
         what = f"TokenSelection(method={self.method_name!r}" + (f", gamma={self.gamma})" if self.gamma is not None else ")")
@@ -220,27 +211,14 @@ class TokenSelection(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._called = False
         if self.rule == "global_threshold" and self.threshold is None and trainer.global_step >= self.warmup_steps:
-            self.threshold = self._scoring_pass(trainer, pl_module)
+            self.threshold = global_threshold(self, trainer, pl_module)
         # The providers, in one fixed order before the training forward: (1) other models' forwards (history,
         # reference, or their score stores), with every probe paused — their no-grad forwards then never coexist
         # with the training graph, so the step's peak memory is the training forward's alone; (2) the probes of the
         # training forward (attention, sequence entropy) armed, so that they capture that forward and nothing else.
         names = sorted(self._needs_at(trainer.global_step) | self.objective.provider_inputs)
         used = [(n, self._providers[n]) for n in names if n not in CURRENT_INPUTS and n in self._providers]
-        probes = {id(cb): cb for cb in self._providers.values() if getattr(cb, "from_training_forward", False)}
-        with contextlib.ExitStack() as stack:
-            for probe in probes.values():
-                if hasattr(probe, "paused"):
-                    stack.enter_context(probe.paused())
-            for name, provider in used:
-                if not getattr(provider, "from_training_forward", False):
-                    prepare = getattr(provider, "prepare", None)
-                    prepare(pl_module, batch, name) if prepare else provider.token_input(name, pl_module, batch)
-        armed = set()
-        for name, provider in used:
-            if getattr(provider, "from_training_forward", False) and getattr(provider, "driven", False) and id(provider) not in armed:
-                armed.add(id(provider))
-                provider.arm(pl_module, batch)
+        prepare_providers(pl_module, batch, used, self._providers.values())
 
     def select(
         self,
@@ -266,7 +244,7 @@ class TokenSelection(Callback):
             scores = torch.where(selection.end_of_turn_mask(response_mask), torch.inf, scores)
         kept = self._apply_rule(scores, response_mask, generator)
         self._log(pl_module, {"train/empty_batches": self._count_empty(kept, response_mask)})
-        self._log(pl_module, self._stats(batch, values, response_mask, kept))
+        self._log(pl_module, selection.selection_stats(values, response_mask, kept, batch.get("noise")))
         if self.log_samples_every:
             self._last = (batch["input_ids"].detach(), response_mask.detach(), kept.detach() > 0, batch.get("index"), batch.get("noise"))
         return kept
@@ -356,24 +334,6 @@ class TokenSelection(Callback):
         """Training batches so far (resumed runs included) that trained on no token."""
         return self._empty_loaded if self._empty is None else int(self._empty)
 
-    def _stats(self, batch, values: Mapping[str, torch.Tensor], resp: torch.Tensor, kept: torch.Tensor) -> dict:
-        w = kept.float()
-        n_resp = resp.sum().clamp(min=1)
-        stats = {"selection/kept_fraction": (w * resp).sum() / n_resp}
-        if "history_nll" in values and "nll" in values:
-            stats["selection/rel_mean"] = ((values["history_nll"] - values["nll"]) * resp).sum() / n_resp
-        if "attention" in values:
-            stats["selection/attn_mean"] = (values["attention"] * resp).sum() / n_resp
-        noise = batch.get("noise")
-        if noise is not None:
-            noise = noise.bool() & resp
-            clean = resp & ~noise
-            if noise.any():
-                stats["selection/noise_dropped"] = 1.0 - (w * noise).sum() / noise.sum()
-            if clean.any():
-                stats["selection/clean_kept"] = (w * clean).sum() / clean.sum()
-        return stats
-
     @staticmethod
     def _log(pl_module: pl.LightningModule, stats: dict[str, torch.Tensor]) -> None:
         for name, value in stats.items():
@@ -381,51 +341,6 @@ class TokenSelection(Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         self.token_step.finish(trainer, optimizer)  # the step's token-weighted mean (loss_normalization: step)
-
-    # ------------------------------------------------------------------ global threshold (TokenCleaning)
-    @torch.no_grad()
-    def _scoring_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
-        """Scores the training set (unshuffled; the first ``threshold_batches`` batches) with the method and returns
-        the threshold that keeps the top ρ of all its response tokens. Every rank scores the same batches, so every
-        rank gets the same threshold."""
-        from torch.utils.data import DataLoader
-
-        loader = trainer.train_dataloader
-        if not isinstance(loader, DataLoader) or not hasattr(loader.dataset, "__len__"):
-            raise ConfigError("TokenSelection(rule=global_threshold) needs a map-style training DataLoader to score")
-        plain = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn)
-        total = len(plain) if self.threshold_batches is None else min(len(plain), self.threshold_batches)
-        needs = self.method.needs(self.options)
-        model = None
-        if needs & set(CURRENT_INPUTS):
-            model = getattr(pl_module, getattr(self._providers.get("history_nll"), "model_attr", "model"))
-        chunks = []
-        for i, batch in enumerate(plain):
-            if i >= total:
-                break
-            batch = trainer.strategy.batch_to_device(batch)
-            resp = response_positions(batch["labels"])
-            inputs = {}
-            if model is not None:  # in the training step's precision (autocast), as the training forward
-                was = model.training
-                model.eval()
-                try:
-                    with training_precision(pl_module):
-                        logits = response_logits(model, batch)
-                        inputs["nll"], inputs["entropy"] = per_token_nll(logits, batch["labels"], with_entropy=True)
-                finally:
-                    model.train(was)
-            values = self._gather(pl_module, batch, inputs, needs)
-            scores = self.method.score(
-                values, resp, {**self.options, "ratio": self.ratio}, torch.Generator().manual_seed(self.seed + i)
-            )
-            chunks.append(scores[resp & torch.isfinite(scores)].float().cpu())
-        threshold = selection.ratio_threshold(torch.cat(chunks), self.ratio)
-        rank_zero_info(
-            f"TokenSelection: global threshold {threshold:.4g} keeps the top {self.ratio:.0%} of "
-            f"{sum(c.numel() for c in chunks)} response tokens ({total} batches scored)"
-        )
-        return threshold
 
     # ------------------------------------------------------------------ checks and decoded samples
     def on_train_batch_end(

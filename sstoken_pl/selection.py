@@ -285,3 +285,28 @@ def qtuning_scores(
     smoothed = (1 - smoothing) * ppl + smoothing * (prev + nxt)
     scores = torch.where(prune[:, None], smoothed, torch.where(whole[:, None], torch.inf, -torch.inf))
     return torch.where(resp, scores, 0.0)
+
+
+def selection_stats(
+    values: dict[str, torch.Tensor], response_mask: torch.Tensor, kept: torch.Tensor, noise: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """What a step's selection did, as ``TokenSelection`` logs it: ``selection/kept_fraction`` (weight share of the
+    response tokens), ``selection/rel_mean`` and ``selection/attn_mean`` when those inputs are in ``values``, and,
+    given the injected-noise flags (``noise``, the built-in task's ground truth), ``selection/noise_dropped`` and
+    ``selection/clean_kept``."""
+    w = kept.float()
+    resp = response_mask
+    n_resp = resp.sum().clamp(min=1)
+    stats = {"selection/kept_fraction": (w * resp).sum() / n_resp}
+    if "history_nll" in values and "nll" in values:
+        stats["selection/rel_mean"] = ((values["history_nll"] - values["nll"]) * resp).sum() / n_resp
+    if "attention" in values:
+        stats["selection/attn_mean"] = (values["attention"] * resp).sum() / n_resp
+    if noise is not None:
+        noise = noise.bool() & resp
+        clean = resp & ~noise
+        if noise.any():
+            stats["selection/noise_dropped"] = 1.0 - (w * noise).sum() / noise.sum()
+        if clean.any():
+            stats["selection/clean_kept"] = (w * clean).sum() / clean.sum()
+    return stats

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from sstoken_pl import selection
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.selection import (
     batch_top_ratio_mask,
@@ -105,3 +106,18 @@ def test_bad_ratio(ratio):
 def test_bad_gamma(gamma):
     with pytest.raises(ValueError, match="gamma"):
         sstoken_scores(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool), gamma)
+
+
+def test_selection_stats_counts_noise_dropped_and_clean_kept():
+    resp = torch.tensor([[False, True, True, True, True], [False, False, True, True, False]])
+    noise = torch.tensor([[0, 1, 0, 0, 1], [0, 0, 1, 0, 1]])  # the last noise flag is outside the response
+    kept = torch.tensor([[False, False, True, False, True], [False, False, False, True, True]])
+    nll = torch.tensor([[9.0, 1.0, 1.0, 1.0, 1.0], [9.0, 9.0, 2.0, 2.0, 9.0]])
+    stats = selection.selection_stats({"nll": nll, "history_nll": nll + 0.5}, resp, kept, noise)
+    assert stats["selection/kept_fraction"].item() == pytest.approx(3 / 6)
+    assert stats["selection/noise_dropped"].item() == pytest.approx(2 / 3)  # noise at (0,1) and (1,2) dropped, (0,4) kept
+    assert stats["selection/clean_kept"].item() == pytest.approx(2 / 3)  # clean (0,2), (0,3), (1,3): two kept
+    assert stats["selection/rel_mean"].item() == pytest.approx(0.5)
+    assert "selection/attn_mean" not in stats
+    weights = selection.selection_stats({}, resp, resp.float() * 0.5)
+    assert set(weights) == {"selection/kept_fraction"} and weights["selection/kept_fraction"].item() == pytest.approx(0.5)
