@@ -325,3 +325,20 @@ def test_score_once_scores_each_fixed_model_once_for_every_method_and_seed(tmp_p
     assert "scores" not in by_class(configs["asft_seed0.yaml"])["HistoryModel"], "asft needs the base model's logits"
     again = tool("compare.py", *args, timeout=600)
     assert again.returncode == 0 and "scoring passes: 0" in again.stdout
+
+
+def test_point_names_do_not_overlap(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 10], [0, 1])
+    labels = [("sstoken_release", 3.0, 0.5, "C0"), ("sstoken", 3.2, 0.5, "C1"), ("sstoken_ema", 3.1, 0.5, "C2"), ("full", 9.0, 0.1, "C3")]
+    offsets = compare.place_labels(fig, ax, labels)
+    boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in ax.texts]
+    assert [t.get_text() for t in ax.texts] == [name for name, *_ in labels]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert offsets[0] == offsets[3] == (7, 6) and len(set(offsets[:3])) == 3  # the far point keeps the first place
+    plt.close(fig)

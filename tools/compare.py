@@ -55,7 +55,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # compare_report, also when loaded from a path
 from compare_report import (  # noqa: E402  (re-exported: the report builders)
-    FULL_CLEAN, KINDS, REFERENCE_ROW, _fmt, aggregate, kept_by_kind, kinds_table, markdown_table, pick_samples, plot,
+    FULL_CLEAN, KINDS, REFERENCE_ROW, _fmt, aggregate, kept_by_kind, kinds_table, markdown_table, pick_samples, place_labels, plot,
     read_samples, render_tokens, samples_html, target_vs_retention, token_kind, write_report,
 )
 

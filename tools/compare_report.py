@@ -169,7 +169,7 @@ def target_vs_retention(rows: dict[str, dict[str, Any]], before: float | None, p
     colors = plt.get_cmap("tab10").colors
     for i, (method, x, xerr, y, yerr) in enumerate(points):
         ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], fmt="osD^v<>ph*"[i % 10], color=colors[i % 10], capsize=4, markersize=7)
-        ax.annotate(method, (x, y), textcoords="offset points", xytext=(7, 6), fontsize=8, color=colors[i % 10])
+    place_labels(fig, ax, [(method, x, y, colors[i % 10]) for i, (method, x, _, y, _) in enumerate(points)])
     if not points:
         ax.text(0.5, 0.5, "no method has both an exact match and a general NLL Δ", ha="center", va="center",
                 transform=ax.transAxes)
@@ -185,6 +185,32 @@ def target_vs_retention(rows: dict[str, dict[str, Any]], before: float | None, p
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return notes
+
+
+LABEL_OFFSETS = [(7, 6, "left"), (7, -14, "left"), (-7, 6, "right"), (-7, -14, "right"), (7, 20, "left"),
+                 (7, -28, "left"), (-7, 20, "right"), (-7, -28, "right"), (7, 34, "left"), (7, -42, "left")]
+
+
+def place_labels(fig, ax, labels: list[tuple[str, float, float, Any]]) -> list[tuple[float, float]]:
+    """Names each point beside it, at the first offset of ``LABEL_OFFSETS`` where the name overlaps no name placed
+    before it (close points — e.g. two methods with the same scores — get their names apart, not on top of each
+    other). Returns the offsets (points) used."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed, used = [], []
+    for name, x, y, color in labels:
+        for dx, dy, ha in LABEL_OFFSETS:
+            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8, color=color)
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        else:  # every offset overlaps: keep the first
+            text = ax.annotate(name, (x, y), textcoords="offset points", xytext=LABEL_OFFSETS[0][:2], fontsize=8, color=color)
+            box, (dx, dy, _) = text.get_window_extent(renderer), LABEL_OFFSETS[0]
+        placed.append(box)
+        used.append((dx, dy))
+    return used
 
 
 def read_samples(run_dir: str) -> list[dict]:
