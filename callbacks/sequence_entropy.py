@@ -10,7 +10,7 @@ import torch
 from sstoken_pl import packing
 from sstoken_pl.callbacks.provider import TokenInputProvider
 from sstoken_pl.errors import ConfigError
-from sstoken_pl.loss import _CHUNK_ELEMENTS
+from sstoken_pl.row_nll import _CHUNK_ELEMENTS
 from sstoken_pl.models import fused_head_problem, unwrap
 
 

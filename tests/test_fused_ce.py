@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from sstoken_pl import loss as loss_mod
+from sstoken_pl import row_nll as row_nll_mod
 from sstoken_pl.errors import ConfigError
 from sstoken_pl.loss import HeadRows, per_token_nll, response_mask, token_loss
 from sstoken_pl.models import fused_head_problem, load_causal_lm, response_logits, tiny_llama_config
@@ -19,7 +19,7 @@ from tests.helpers import random_batches, trainer
 @pytest.mark.parametrize("chunk_elements", [None, 7 * 50])  # one chunk; chunks of 7 rows (N = 40 → 6 chunks)
 def test_chunked_linear_nll_equals_logits(bias, chunk_elements, monkeypatch):
     if chunk_elements is not None:
-        monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(row_nll_mod, "_CHUNK_ELEMENTS", chunk_elements)
     g = torch.Generator().manual_seed(0)
     N, H, V = 40, 16, 50
     labels = torch.full((4, 12), -100)
@@ -47,7 +47,7 @@ def test_chunked_linear_nll_equals_logits(bias, chunk_elements, monkeypatch):
 
 def test_chunked_linear_nll_never_holds_the_logits(monkeypatch):
     # The autograd graph keeps the hidden rows, the head and per-row log-sum-exps only: nothing of N × V.
-    monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 8 * 1000)
+    monkeypatch.setattr(row_nll_mod, "_CHUNK_ELEMENTS", 8 * 1000)
     N, H, V = 64, 8, 1000
     labels = torch.randint(0, V, (2, 33))
     labels[:, 0] = -100
@@ -135,8 +135,8 @@ def test_kernels_fall_back_to_chunked_off_cuda():
 def test_cce_call_matches_chunked(monkeypatch):
     # The call into Cut Cross-Entropy (argument order, reduction="none", row alignment, gradients), checked on a CPU
     # with the library's pure-PyTorch implementation; its CUDA kernel is the same call with impl="cce".
-    monkeypatch.setattr(loss_mod, "_KERNEL_DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(loss_mod, "_CCE_IMPL", "torch_compile")
+    monkeypatch.setattr(row_nll_mod, "_KERNEL_DEVICES", ("cpu", "cuda"))
+    monkeypatch.setattr(row_nll_mod, "_CCE_IMPL", "torch_compile")
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(2)
     labels = torch.randint(0, 40, (3, 10))

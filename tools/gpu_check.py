@@ -177,7 +177,8 @@ def run_kernel(name: str, cuda: bool) -> str:
 
     import torch
 
-    from sstoken_pl.loss import _KERNEL_PACKAGES, HeadRows, per_token_nll
+    from sstoken_pl.loss import HeadRows, per_token_nll
+    from sstoken_pl.row_nll import _KERNEL_PACKAGES
 
     if not cuda:
         raise Skip("needs CUDA (Triton kernel)")
