@@ -21,7 +21,8 @@ paper --methods tokencleaning qtuning --seeds 0
 #    reproduces experiments/synthetic's seed 0 (the runs are seeded) and adds the retention measures
 python tools/compare.py --config configs/quickstart.yaml --methods $ALL --seeds 0 \
   --out experiments/regime_30step/synthetic --extra "$NOISE --trainer.val_check_interval=10"
-# 4. seeds 1 and 2
+# 4. seeds 1 and 2: first full, random and sstoken_release (the comparisons the answer turns on), then the rest
+paper --methods full random sstoken_release --seeds 0 1 2
 paper --methods $ALL --seeds 0 1 2
 # 5. GSM8K train in the same regime (one epoch of 1600 problems = 200 steps), one seed
 python tools/compare.py --config configs/gsm8k.yaml --methods $ALL --seeds 0 --data-order-seeds \
