@@ -340,5 +340,24 @@ def test_point_names_do_not_overlap(tmp_path):
     boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in ax.texts]
     assert [t.get_text() for t in ax.texts] == [name for name, *_ in labels]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-    assert offsets[0] == offsets[3] == (7, 6) and len(set(offsets[:3])) == 3  # the far point keeps the first place
+    assert offsets[3] == (7, 6) and len(set(offsets[:3])) == 3  # the far point keeps the first place
+    plt.close(fig)
+
+
+def test_point_names_keep_off_other_markers(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    fig, ax = plt.subplots()
+    ax.set_xlim(0, 50)
+    ax.set_ylim(-0.02, 0.1)
+    labels = [("rho1", 18.8, -0.016, "C0"), ("reference (clean subset)", 15.6, -0.0145, "C1")]
+    compare.place_labels(fig, ax, labels)
+    renderer = fig.canvas.get_renderer()
+    px, py = ax.transData.transform((18.8, -0.016))
+    marker = Bbox.from_extents(px - 6, py - 6, px + 6, py + 6)
+    assert not ax.texts[1].get_window_extent(renderer).overlaps(marker)  # the reference's name is not on rho1's point
     plt.close(fig)

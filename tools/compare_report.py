@@ -193,16 +193,22 @@ LABEL_OFFSETS = [(7, 6, "left"), (7, -14, "left"), (-7, 6, "right"), (-7, -14, "
 
 def place_labels(fig, ax, labels: list[tuple[str, float, float, Any]]) -> list[tuple[float, float]]:
     """Names each point beside it, at the first offset of ``LABEL_OFFSETS`` where the name overlaps no name placed
-    before it (close points — e.g. two methods with the same scores — get their names apart, not on top of each
+    before it and no other point's marker (close points — e.g. two methods with the same scores — get their names apart, not on top of each
     other). Returns the offsets (points) used."""
+    from matplotlib.transforms import Bbox
+
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
+    r = 6 * fig.dpi / 72  # a marker's half-width, in pixels
+    markers = [Bbox.from_extents(px - r, py - r, px + r, py + r)
+               for px, py in (ax.transData.transform((x, y)) for _, x, y, _ in labels)]
     placed, used = [], []
-    for name, x, y, color in labels:
+    for i, (name, x, y, color) in enumerate(labels):
+        others = placed + markers[:i] + markers[i + 1:]
         for dx, dy, ha in LABEL_OFFSETS:
             text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8, color=color)
             box = text.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
+            if not any(box.overlaps(other) for other in others):
                 break
             text.remove()
         else:  # every offset overlaps: keep the first
