@@ -432,6 +432,30 @@ def test_a_hub_dataset_with_a_configuration(byte_tok, monkeypatch):
     assert dm.val_samples[0]["answer"] == "1" and "<<" not in dm.train_samples[0]["messages"][-1]["content"]
 
 
+
+def test_a_cached_hub_dataset_offline_is_read_from_the_cache(byte_tok, monkeypatch):
+    """Offline with the dataset in the local cache, datasets runs in its offline mode (reads its cache, no retries)
+    for that call only: its flag is datasets.config.HF_HUB_OFFLINE, read once at import, so setting the environment
+    variable at run time would do nothing."""
+    import datasets
+    import datasets.config
+
+    from sstoken_pl import hub
+
+    seen = []
+    rows = [{"question": f"What is {i} + 1?", "answer": f"#### {i + 1}"} for i in range(4)]
+
+    def load_dataset(name, config=None):
+        seen.append(datasets.config.HF_HUB_OFFLINE)
+        return {"train": rows}
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "is_cached", lambda name, kind="model": kind == "dataset" and name == "openai/gsm8k")
+    module("openai/gsm8k", byte_tok, format="gsm8k")
+    assert seen == [True] and datasets.config.HF_HUB_OFFLINE is False
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="data.val_size"):
         SFTDataModule(val_size=1.0)

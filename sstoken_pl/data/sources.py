@@ -86,14 +86,18 @@ def _split_of(file_name: str) -> str:
 
 def _read_hub(name: str, config: Optional[str] = None) -> dict[str, list[Record]]:
     import datasets
+    import datasets.config
 
     from sstoken_pl.hub import offline_kwargs
 
-    try:  # offline with a cached copy: datasets reads its cache under HF_DATASETS_OFFLINE
-        if offline_kwargs(name, "data.path", kind="dataset"):
-            os.environ["HF_DATASETS_OFFLINE"] = "1"
+    try:
+        cached_only = bool(offline_kwargs(name, "data.path", kind="dataset"))
     except ConfigError as err:
         raise DataError(str(err)) from None
+    # Offline with a cached copy: datasets reads its cache when its offline flag is set. It reads HF_DATASETS_OFFLINE
+    # once, at import, into datasets.config.HF_HUB_OFFLINE, so the flag is set there, for this call only.
+    was = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = was or cached_only
     try:
         loaded = datasets.load_dataset(name, config)
     except (OSError, ValueError) as err:
@@ -101,6 +105,8 @@ def _read_hub(name: str, config: Optional[str] = None) -> dict[str, list[Record]
             f"data.path {name!r}: no such local file or directory, and it could not be loaded from the Hugging Face "
             f"hub ({err}); give a local .json/.jsonl/.parquet file or directory, or a reachable hub dataset"
         ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was
     return {
         split: [(f"{name}[{split}] row {i}", row) for i, row in enumerate(rows, 1)]
         for split, rows in loaded.items()
