@@ -212,10 +212,7 @@ class TokenSelection(Callback):
         self._called = False
         if self.rule == "global_threshold" and self.threshold is None and trainer.global_step >= self.warmup_steps:
             self.threshold = global_threshold(self, trainer, pl_module)
-        # The providers, in one fixed order before the training forward: (1) other models' forwards (history,
-        # reference, or their score stores), with every probe paused — their no-grad forwards then never coexist
-        # with the training graph, so the step's peak memory is the training forward's alone; (2) the probes of the
-        # training forward (attention, sequence entropy) armed, so that they capture that forward and nothing else.
+        # The providers this step uses, in the fixed order of prepare_providers: other models' forwards, then probes.
         names = sorted(self._needs_at(trainer.global_step) | self.objective.provider_inputs)
         used = [(n, self._providers[n]) for n in names if n not in CURRENT_INPUTS and n in self._providers]
         prepare_providers(pl_module, batch, used, self._providers.values())

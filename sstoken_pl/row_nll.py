@@ -203,7 +203,7 @@ def check_fused_cross_entropy(value: Optional[str], key: str) -> Optional[str]:
     return value
 
 
-def row_nll(logits: "torch.Tensor | HeadRows", targets: torch.Tensor, with_entropy: bool, chunk_size: int | None = None):
+def row_nll(logits: torch.Tensor | HeadRows, targets: torch.Tensor, with_entropy: bool, chunk_size: int | None = None):
     """``FloatTensor[N]``: the NLL of ``targets [N]`` under the rows ``logits [N, V]`` (or ``HeadRows``), and with
     ``with_entropy`` also each row's predictive entropy (not differentiable)."""
     if isinstance(logits, HeadRows):
