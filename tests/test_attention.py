@@ -139,7 +139,7 @@ def test_pure_function_gqa_chunking_window_softcap(sliding_window, softcap):
 def test_causal_fast_path_only_where_it_is_exact(padding, monkeypatch):
     # Right padding or none: the kernel's causal mask replaces the explicit one (same numbers); left padding keeps
     # the explicit mask (a causal mask would let real queries see the padding keys before them).
-    from sstoken_pl import attention as attn_mod
+    from sstoken_pl import attention_mass as attn_mod
 
     g = torch.Generator().manual_seed(1)
     B, H, Hkv, T, D = 2, 4, 2, 12, 8
