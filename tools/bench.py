@@ -35,18 +35,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import importlib
-import math
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import types
-from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -60,47 +55,7 @@ RATIO_LINES = [("sstoken", "full", "time"), ("attn_only", "full", "time"), ("sst
                ("full", "score_pass", "time")]
 _STORES: dict[str, str] = {}  # kind -> store directory of the current length's batches
 
-
-# ---------------------------------------------------------------------------------------------------- memory
-class PeakMemory:
-    """Peak memory while the block runs: CUDA's allocator peak, or the sampled resident set size on CPU."""
-
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
-        self.peak = 0
-
-    def __enter__(self) -> "PeakMemory":
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            gc.collect()
-            if sys.platform.startswith("linux"):  # hand freed heap pages back, so earlier methods' peaks do not linger
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        with open("/proc/self/statm") as f:
-            while not self._stop.is_set():
-                f.seek(0)
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
-                time.sleep(0.001)
-
-    def __exit__(self, *exc: Any) -> None:
-        import torch
-
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
-        else:
-            self._stop.set()
-            self._thread.join()
+from bench_meters import PeakMemory, StepClock  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------- batches
@@ -192,46 +147,6 @@ def authors_training_step(self, batch: dict, batch_idx: int):
         scores = selection.sstoken_scores(history, nll.detach(), attention, resp, gamma=0.5)
         kept = selection.top_ratio_mask(scores, resp, 0.6)
     return (nll * kept).sum() / kept.sum().clamp(min=1)
-
-
-class StepClock:
-    """Seconds of each training batch after ``warmup`` untimed ones, and the peak memory over the timed ones. Its
-    ``start`` callback goes first on the trainer and its ``stop`` callback last, so that every other callback's batch
-    hooks (a history prefetch at batch start, an EMA update at batch end) are inside the timed step."""
-
-    def __init__(self, warmup: int, cuda: bool) -> None:
-        import lightning.pytorch as pl
-
-        clock = self
-
-        class Start(pl.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if batch_idx == warmup:
-                    clock.memory = PeakMemory(cuda).__enter__()
-                clock._sync()
-                clock._t0 = time.perf_counter()
-
-        class Stop(pl.Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                clock._sync()
-                if batch_idx >= warmup:
-                    clock.times.append(time.perf_counter() - clock._t0)
-
-            def on_train_end(self, trainer, pl_module):
-                if clock.memory is not None:
-                    clock.memory.__exit__()
-
-        self.cuda = cuda
-        self.start, self.stop = Start(), Stop()
-        self.times: list[float] = []
-        self.memory: PeakMemory | None = None
-        self._t0 = 0.0
-
-    def _sync(self) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
 
 
 def run_method(
