@@ -17,6 +17,8 @@ paper --methods sstoken random --seeds 0
 # 2. seed 0 of the reference-based methods (the reference, its full+clean row) and Q-Tuning
 paper --methods rho1 --seeds 0
 paper --methods tokencleaning qtuning --seeds 0
+# 3b. random selection at Q-Tuning's budget (it trains on 38% of the response tokens, the others on ~61%)
+paper --methods experiments/regime_paper/random_qtuning_budget.yaml --seeds 0
 # 3. today's regime (30 steps at lr 1e-3, the config's data order) again, now with retention: seed 0 of each method
 #    reproduces experiments/synthetic's seed 0 (the runs are seeded) and adds the retention measures
 python tools/compare.py --config configs/quickstart.yaml --methods $ALL --seeds 0 \
