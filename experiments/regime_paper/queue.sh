@@ -23,6 +23,9 @@ paper --methods experiments/regime_paper/random_qtuning_budget.yaml --seeds 0
 #    reproduces experiments/synthetic's seed 0 (the runs are seeded) and adds the retention measures
 python tools/compare.py --config configs/quickstart.yaml --methods $ALL --seeds 0 \
   --out experiments/regime_30step/synthetic --extra "$NOISE --trainer.val_check_interval=10"
+# 3c. the same regime, seeds 1 and 2 of full, random and sstoken_release: the spread of the retention measures
+python tools/compare.py --config configs/quickstart.yaml --methods full random sstoken_release --seeds 1 2 \
+  --out experiments/regime_30step/synthetic --extra "$NOISE --trainer.val_check_interval=10"
 # 4. seeds 1 and 2: first full, random and sstoken_release (the comparisons the answer turns on), then the rest
 paper --methods full random sstoken_release --seeds 0 1 2
 paper --methods $ALL --seeds 0 1 2
