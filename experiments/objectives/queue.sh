@@ -12,3 +12,6 @@ python tools/compare.py --config configs/quickstart.yaml --methods $NEW --seeds 
 python tools/compare.py --config configs/quickstart.yaml --methods $NEW --seeds 1 2 --out experiments/synthetic --extra "$SYN"
 # 2. Experiment 2 (GSM8K), one seed
 python tools/compare.py --config configs/gsm8k.yaml --methods $NEW --seeds 0 --out experiments/gsm8k
+# 3. full SFT on GSM8K once more, with the retention measures (experiments/gsm8k's full row predates them; a folder
+#    of its own, so that the earlier record stays as measured)
+python tools/compare.py --config configs/gsm8k.yaml --methods full --seeds 0 --out experiments/gsm8k_retention
