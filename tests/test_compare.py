@@ -361,3 +361,63 @@ def test_point_names_keep_off_other_markers(tmp_path):
     marker = Bbox.from_extents(px - 6, py - 6, px + 6, py + 6)
     assert not ax.texts[1].get_window_extent(renderer).overlaps(marker)  # the reference's name is not on rho1's point
     plt.close(fig)
+
+
+def _waiter(me: str, other: str, seconds: float) -> str:
+    """A job that marks itself started, then waits for ``other`` to start: it can only succeed if both run at once."""
+    return (f"import os, pathlib, sys, time; pathlib.Path({me!r}).write_text(os.environ.get('OMP_NUM_THREADS', '-'))\n"
+            f"end = time.time() + {seconds}\n"
+            f"while not os.path.exists({other!r}) and time.time() < end: time.sleep(0.05)\n"
+            f"sys.exit(0 if os.path.exists({other!r}) else 3)")
+
+
+def test_jobs_run_at_once_with_their_share_of_the_threads(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    a, b = str(tmp_path / "a.started"), str(tmp_path / "b.started")
+    finished = []
+    jobs = [([compare.sys.executable, "-c", _waiter(a, b, 60)], str(tmp_path / "a"), finished.append),
+            (lambda: [compare.sys.executable, "-c", _waiter(b, a, 60)], str(tmp_path / "b"), finished.append)]
+    compare.run_many(jobs, 2, dry_run=False)  # one at a time, the first would wait for the second in vain: exit 3
+    assert len(finished) == 2 and all(cmd[0] == compare.sys.executable for cmd in finished)
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert pathlib.Path(a).read_text() == threads and pathlib.Path(b).read_text() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the user's setting wins
+    os.remove(a), os.remove(b)
+    compare.run_many(jobs, 2, dry_run=False)
+    assert pathlib.Path(a).read_text() == "7" and len(finished) == 4
+
+
+def test_a_failed_job_lets_the_running_ones_finish_and_starts_no_other(tmp_path):
+    done = []
+    slow = "import time, pathlib; time.sleep(1); pathlib.Path('{}').write_text('ok')".format(tmp_path / "slow.out")
+    jobs = [([compare.sys.executable, "-c", "import sys; print('ValueError: bad field'); sys.exit(2)"], str(tmp_path / "bad"), done.append),
+            ([compare.sys.executable, "-c", slow], str(tmp_path / "slow"), lambda cmd: done.append("slow")),
+            ([compare.sys.executable, "-c", "pass"], str(tmp_path / "never"), done.append)]
+    with pytest.raises(SystemExit) as e:
+        compare.run_many(jobs, 2, dry_run=False)
+    assert str(e.value).count("\n") == 1 and "bad failed (exit 2): ValueError: bad field" in str(e.value)
+    assert str(tmp_path / "bad" / "log.txt") in str(e.value)
+    assert done == ["slow"] and (tmp_path / "slow.out").read_text() == "ok", "the running run finished and was recorded"
+    assert not (tmp_path / "never").exists(), "no run starts after a failure"
+
+
+def test_a_comparison_with_jobs_matches_one_run_at_a_time(tmp_path):
+    base = ["--config", "configs/tiny.yaml", "--methods", "full", "random", "--seeds", "0", "--max-steps", "2",
+            "--log-samples-every", "1", "--extra", "--data.synthetic.num_train=64 --trainer.val_check_interval=2 "
+            "--trainer.limit_val_batches=1 --eval.num_problems=0"]
+    serial = tool("compare.py", *base, "--out", str(tmp_path / "serial"), timeout=600)
+    assert serial.returncode == 0, serial.stderr[-3000:]
+    parallel = tool("compare.py", *base, "--jobs", "2", "--out", str(tmp_path / "jobs"), timeout=600)
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in ("serial", "jobs"))
+    for method in ("full", "random"):
+        assert two[method]["0"]["val_loss"] == pytest.approx(one[method]["0"]["val_loss"], rel=1e-3)
+        record = json.loads((tmp_path / "jobs" / "runs" / method / "seed0" / "done.json").read_text())
+        assert record["parallel_runs"] == 2
+    assert "parallel_runs" not in json.loads((tmp_path / "serial" / "runs" / "full" / "seed0" / "done.json").read_text())
+    assert "the step-time column is not a cost" in (tmp_path / "jobs" / "results.md").read_text()
+    assert "not a cost" not in (tmp_path / "serial" / "results.md").read_text()
+    again = tool("compare.py", *base, "--jobs", "2", "--out", str(tmp_path / "jobs"), "--report-only")
+    assert again.returncode == 0 and "not a cost" in (tmp_path / "jobs" / "results.md").read_text(), "reused runs say so too"
+    zero = tool("compare.py", *base, "--jobs", "0", "--out", str(tmp_path / "x"))
+    assert zero.returncode != 0 and "--jobs 0" in zero.stderr and "Traceback" not in zero.stderr

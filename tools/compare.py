@@ -31,7 +31,8 @@ its optimizer state, ~0.7 GB for SmolLM2-135M): a run's result is its exported `
 `--keep-checkpoints` keeps them.
 
 A finished run (its `done.json`) is not redone when the command is repeated; an unfinished one is redone from
-scratch. `--dry-run` prints the commands; `--report-only` writes the report from the runs finished so far (e.g. while another
+scratch. `--jobs N` runs N at once (CPU threads: cores // N each); step times of runs that shared the machine are not costs, and
+the report says so. `--dry-run` prints the commands; `--report-only` writes the report from the runs finished so far (e.g. while another
 invocation is still running the rest) and runs nothing.
 """
 
@@ -44,11 +45,8 @@ import json
 import math
 import os
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from typing import Any
 
 import yaml
@@ -61,44 +59,9 @@ from compare_report import (  # noqa: E402  (re-exported: the report builders)
 from compare_configs import (  # noqa: E402  (re-exported: the run configs)
     METHODS_DIR, ROOT, method_file, method_name, method_config, stores_used, needs_history_logits, with_logging, option, clean_subset, needs_reference, newest_model,
 )
+from compare_runs import free_gib, portable, run, run_many  # noqa: E402  (re-exported: running the fits)
 
 REFERENCE_ARGS = "--data.synthetic.noise=0 --data.synthetic.label_noise=0 --data.max_samples=256"
-
-
-# ---------------------------------------------------------------------------------------------------- runs
-def run(cmd: list[str], run_dir: str, dry_run: bool) -> None:
-    """Runs ``cmd`` with its output in ``<run_dir>/log.txt``; a failure stops the comparison with one line."""
-    print("$ " + shlex.join(cmd), flush=True)
-    if dry_run:
-        return
-    os.makedirs(run_dir, exist_ok=True)
-    log = os.path.join(run_dir, "log.txt")
-    start = time.time()
-    with open(log, "w") as f:
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if code != 0:
-        text = open(log, errors="replace").read()
-        tail = text.strip().splitlines()[-1:] or [""]
-        if "No space left on device" in text:
-            tail = [f"no space left on device ({free_gib(run_dir):.1f} GiB free under {run_dir}); free some, then repeat "
-                    "the command: finished runs are kept"]
-        sys.exit(f"error: run {run_dir} failed (exit {code}): {tail[0]}\n  full log: {log}")
-    print(f"  done in {time.time() - start:.0f} s", flush=True)
-
-
-def free_gib(path: str) -> float:
-    return shutil.disk_usage(path).free / 2**30
-
-
-def portable(cmd: list[str]) -> str:
-    """The command as a user would type it from the repository root (recorded in ``done.json``)."""
-    def one(arg: str) -> str:
-        if arg == sys.executable:
-            return "python"
-        key, eq, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
-        return key + eq + (os.path.relpath(value, ROOT) if os.path.isabs(value) else value)
-
-    return shlex.join([one(c) for c in cmd])
 
 
 def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -266,9 +229,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each run's Lightning checkpoint (default: none is written; the exported hf_model is)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (default 1), each with cores // jobs CPU threads unless OMP_NUM_THREADS is set: "
+                             "on a CPU two one-thread runs do more than one two-thread run; their step times are not costs")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the finished runs only (while a comparison is still running)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        sys.exit(f"error: --jobs {args.jobs}: at least 1 run at a time")
     files = {method_name(m): (method_file("full") if m == FULL_CLEAN else method_file(m)) for m in args.methods}
     if len(files) < len(args.methods):
         sys.exit(f"error: --methods names a method twice: {' '.join(args.methods)}")
@@ -306,6 +274,16 @@ def main(argv: list[str] | None = None) -> None:
 
     results: dict[str, dict[int, dict]] = {}
     first = True
+    jobs: list = []
+    args.shared_runs = 1  # the most runs that shared the machine, for the report
+
+    def finish(method: str, seed: int, run_dir: str, order_seed: int | None, cmd: list[str]) -> None:
+        summary = run_summary(run_dir)
+        record = {"command": portable(cmd), "data_order_seed": order_seed, "summary": summary}
+        shared = {"parallel_runs": min(args.jobs, len(jobs))} if min(args.jobs, len(jobs)) > 1 else {}  # step times: not costs
+        json.dump({**record, **shared}, open(os.path.join(run_dir, "done.json"), "w"))
+        results.setdefault(method, {})[seed] = summary
+
     for seed in args.seeds:
         order_seed = seed if args.data_order_seeds else None
         for method in args.methods:
@@ -319,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"{order_seed}; move the run away or use another --out")
                 print(f"{method} seed {seed}: reusing {run_dir}")
                 results.setdefault(method, {})[seed] = run_summary(run_dir, record["summary"])
+                args.shared_runs = max(args.shared_runs, record.get("parallel_runs", 1))
                 first = False
                 continue
             if args.report_only:
@@ -328,18 +307,16 @@ def main(argv: list[str] | None = None) -> None:
             with open(cfg_path, "w") as f:
                 yaml.safe_dump(method_config(files[method], seed, run_dir, reference, args.log_samples_every, scores), f,
                                sort_keys=False)
-            cmd = base + ["--trainer.callbacks=[]", "--config", cfg_path, f"--seed_everything={seed}",
-                          f"--trainer.default_root_dir={run_dir}", f"--eval.before={'true' if first else 'false'}"] + no_ckpt + steps + extra
-            cmd += [] if args.dry_run else retention_base(out)
-            cmd += [f"--data.synthetic.clean_copies={clean}"] if method == FULL_CLEAN else []
-            cmd += [f"--data.seed={seed}"] if order_seed is not None else []
-            run(cmd, run_dir, args.dry_run)
+            head = base + ["--trainer.callbacks=[]", "--config", cfg_path, f"--seed_everything={seed}",
+                           f"--trainer.default_root_dir={run_dir}", f"--eval.before={'true' if first else 'false'}"] + no_ckpt + steps + extra
+            tail = [f"--data.synthetic.clean_copies={clean}"] if method == FULL_CLEAN else []
+            tail += [f"--data.seed={seed}"] if order_seed is not None else []
+            # the base model's retention values of a run finished by the time this one starts (none in a dry run)
+            command = (lambda h=head, t=tail: h + t) if args.dry_run else (lambda h=head, t=tail: h + retention_base(out) + t)
+            jobs.append((command, run_dir, lambda cmd, m=method, s=seed, d=run_dir, o=order_seed: finish(m, s, d, o, cmd)))
             first = False
-            if args.dry_run:
-                continue
-            summary = run_summary(run_dir)
-            json.dump({"command": portable(cmd), "data_order_seed": order_seed, "summary": summary}, open(done, "w"))
-            results.setdefault(method, {})[seed] = summary
+    args.shared_runs = max(args.shared_runs, min(args.jobs, len(jobs)))
+    run_many(jobs, args.jobs, args.dry_run)
     if args.dry_run:
         return
     if uses_reference and os.path.isfile(os.path.join(ref_dir, "done.json")):

@@ -348,6 +348,8 @@ def write_report(args: Any, out: str, config: str, command: str, results: dict[s
         *([f"- `{REFERENCE_ROW}`: the reference model (one run, seed 0, `{args.reference_args}`; a `data.max_samples` there "
            f"also limits its held-out records); `{FULL_CLEAN}`: full SFT on the noisy data with that clean subset mixed in"] if REFERENCE_ROW in results or FULL_CLEAN in results else []),
         "- general / other-domain NLL Δ: after − base on the retention texts (positive: forgot), from each run's `retention.json`",
+        *([f"- step time: up to {args.shared_runs} runs shared the machine at once (`--jobs`): the step-time column is not a cost"]
+          if getattr(args, "shared_runs", 1) > 1 else []),
         f"- command: `{command}`",
         "",
         "",
