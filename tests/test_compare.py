@@ -421,3 +421,23 @@ def test_a_comparison_with_jobs_matches_one_run_at_a_time(tmp_path):
     assert again.returncode == 0 and "not a cost" in (tmp_path / "jobs" / "results.md").read_text(), "reused runs say so too"
     zero = tool("compare.py", *base, "--jobs", "0", "--out", str(tmp_path / "x"))
     assert zero.returncode != 0 and "--jobs 0" in zero.stderr and "Traceback" not in zero.stderr
+
+
+def test_a_method_added_later_does_not_evaluate_the_base_model_again(tmp_path):
+    finished = tmp_path / "runs" / "full" / "seed0-order0"
+    finished.mkdir(parents=True)
+    summary = dict(kept_fraction=None, noise_dropped=None, clean_kept=None, train_loss=1.0, val_loss=2.0, val_curve=[(4, 2.0)],
+                   accuracy_before=0.125, accuracy_after=0.5, step_time=1.0, general_delta=None, other_delta=None)
+    (finished / "done.json").write_text(json.dumps({"command": "python -m sstoken_pl fit", "data_order_seed": 0, "summary": summary}))
+    base = ["--config", "configs/tiny.yaml", "--methods", "random", "--seeds", "0", "--out", str(tmp_path)]
+    added = tool("compare.py", *base, "--data-order-seeds", "--dry-run")
+    assert added.returncode == 0, added.stderr
+    assert "--eval.before=false" in added.stdout and "--eval.before=true" not in added.stdout
+    other_kind = tool("compare.py", *base, "--dry-run")  # runs on the config's data order: no run of that kind yet
+    assert other_kind.returncode == 0 and "--eval.before=true" in other_kind.stdout
+    (tmp_path / "runs" / "random" / "seed0-order0").mkdir(parents=True)
+    (tmp_path / "runs" / "random" / "seed0-order0" / "done.json").write_text(
+        json.dumps({"command": "python -m sstoken_pl fit", "data_order_seed": 0, "summary": dict(summary, accuracy_before=None)}))
+    report = tool("compare.py", *base, "--data-order-seeds", "--report-only")
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "exact match of the base model before training: 12.5%" in (tmp_path / "results.md").read_text()

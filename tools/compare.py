@@ -44,6 +44,7 @@ import glob
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -150,6 +151,23 @@ def retention_base(out: str) -> list[str]:
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def base_accuracy(out: str, data_order: bool) -> float | None:
+    """The base model's exact match before training from any finished run of this comparison (of the same kind of
+    run folder, listed in this command or not): measured once per comparison, not again for a method added later."""
+    kind = r"seed\d+-order\d+" if data_order else r"seed\d+"
+    for path in sorted(glob.glob(os.path.join(out, "runs", "*", "seed*", "done.json"))):
+        if not re.fullmatch(kind, os.path.basename(os.path.dirname(path))):
+            continue
+        try:
+            with open(path) as f:
+                value = (json.load(f).get("summary") or {}).get("accuracy_before")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if _finite(value):
+            return float(value)
+    return None
 
 
 def run_summary(run_dir: str, summary: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -273,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.score_once and not args.report_only else None
 
     results: dict[str, dict[int, dict]] = {}
-    first = True
+    args.base_accuracy = base_accuracy(out, args.data_order_seeds)
+    first = args.base_accuracy is None  # the first run that starts evaluates the base model, unless one already has
     jobs: list = []
     args.shared_runs = 1  # the most runs that shared the machine, for the report
 

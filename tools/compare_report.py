@@ -335,7 +335,8 @@ def write_report(args: Any, out: str, config: str, command: str, results: dict[s
     rows = aggregate(results)
     finished = sum(len(s) for m, s in results.items() if m != REFERENCE_ROW)
     expected = len(args.seeds) * len(args.methods)
-    before = next((r["accuracy_before"] for s in results.values() for r in s.values() if r["accuracy_before"] is not None), None)
+    before = next((r["accuracy_before"] for s in results.values() for r in s.values() if r["accuracy_before"] is not None),
+                  getattr(args, "base_accuracy", None))  # else from a finished run of a method not listed
     title = f"{config}: {', '.join(args.methods)}"
     order = "each seed S also shuffles the training data (data.seed=S)" if args.data_order_seeds else "the config's data order for every seed"
     header = [
