@@ -89,6 +89,14 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def palette(plt: Any, n: int, i: int) -> Any:
+    """The colour of item ``i`` of ``n``: tab10's, and beyond 10 items tab20's dark shades, then its light ones, so
+    that no two items of a plot share a colour up to 20."""
+    if n <= 10:
+        return plt.get_cmap("tab10").colors[i % 10]
+    return plt.get_cmap("tab20").colors[(2 * i if i < 10 else 2 * (i - 10) + 1) % 20]
+
+
 def _final_loss_bars(ax: Any, results: dict[str, dict[int, dict]], colors: Any) -> None:
     """The held-out loss of each method as a bar (mean over seeds, whiskers: min–max), for runs that logged it once."""
     names, means, lows, highs = [], [], [], []
@@ -115,7 +123,7 @@ def plot(results: dict[str, dict[int, dict]], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9.5, 5))
-    colors = plt.get_cmap("tab20").colors if len(results) > 10 else plt.get_cmap("tab10").colors
+    colors = [palette(plt, len(results), i) for i in range(len(results))]
     styles = ["-", "--", "-.", ":"]
     if max((len(r["val_curve"]) for seeds in results.values() for r in seeds.values()), default=0) <= 1:
         _final_loss_bars(ax, results, colors)  # one logged step: a line of one point is a dot on an empty axis
@@ -130,7 +138,7 @@ def plot(results: dict[str, dict[int, dict]], path: str, title: str) -> None:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         values = [[c[s] for c in curves] for s in steps]
-        color = colors[(2 * i if i < 10 else 2 * (i - 10) + 1) % 20] if len(colors) == 20 else colors[i % len(colors)]
+        color = palette(plt, len(results), i)
         ax.plot(steps, [statistics.fmean(v) for v in values], marker="osD^v<>ph*"[i % 10], linestyle=styles[i % 4],
                 color=color, label=method)
         if len(curves) > 1:
@@ -166,10 +174,10 @@ def target_vs_retention(rows: dict[str, dict[str, Any]], before: float | None, p
         xerr = 100 * r["acc_std"] if r.get("n", 0) > 1 else 0.0
         points.append((method, 100 * (r["acc_mean"] - before), xerr, r["general_delta"], r.get("general_delta_std") or 0.0))
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    colors = plt.get_cmap("tab10").colors
+    colors = [palette(plt, len(points), i) for i in range(len(points))]
     for i, (method, x, xerr, y, yerr) in enumerate(points):
-        ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], fmt="osD^v<>ph*"[i % 10], color=colors[i % 10], capsize=4, markersize=7)
-    place_labels(fig, ax, [(method, x, y, colors[i % 10]) for i, (method, x, _, y, _) in enumerate(points)])
+        ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], fmt="osD^v<>ph*"[i % 10], color=colors[i], capsize=4, markersize=7)
+    place_labels(fig, ax, [(method, x, y, colors[i]) for i, (method, x, _, y, _) in enumerate(points)])
     if not points:
         ax.text(0.5, 0.5, "no method has both an exact match and a general NLL Δ", ha="center", va="center",
                 transform=ax.transAxes)
@@ -349,7 +357,8 @@ def write_report(args: Any, out: str, config: str, command: str, results: dict[s
         *([f"- `{REFERENCE_ROW}`: the reference model (one run, seed 0, `{args.reference_args}`; a `data.max_samples` there "
            f"also limits its held-out records); `{FULL_CLEAN}`: full SFT on the noisy data with that clean subset mixed in"] if REFERENCE_ROW in results or FULL_CLEAN in results else []),
         "- general / other-domain NLL Δ: after − base on the retention texts (positive: forgot), from each run's `retention.json`",
-        *([f"- step time: up to {args.shared_runs} runs shared the machine at once (`--jobs`): the step-time column is not a cost"]
+        *([f"- step time: up to {args.shared_runs} runs shared the machine at once (`parallel_runs` in their `done.json`): "
+           "the step-time column is not a cost"]
           if getattr(args, "shared_runs", 1) > 1 else []),
         f"- command: `{command}`",
         "",
