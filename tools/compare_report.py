@@ -138,7 +138,7 @@ def plot(results: dict[str, dict[int, dict]], path: str, title: str) -> None:
             continue
         steps = sorted(set.intersection(*(set(c) for c in curves)))
         values = [[c[s] for c in curves] for s in steps]
-        color = palette(plt, len(results), i)
+        color = colors[i]
         ax.plot(steps, [statistics.fmean(v) for v in values], marker="osD^v<>ph*"[i % 10], linestyle=styles[i % 4],
                 color=color, label=method)
         if len(curves) > 1:
