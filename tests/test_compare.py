@@ -363,6 +363,24 @@ def test_point_names_keep_off_other_markers(tmp_path):
     plt.close(fig)
 
 
+def test_point_names_stay_inside_the_axes(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_xlim(-0.5, 0.5)
+    ax.set_ylim(-0.08, 0.0)
+    labels = [("full", 0.0, -0.07, "C0"), ("random", 0.5, -0.07, "C1")]  # random's point on the right edge
+    offsets = compare.place_labels(fig, ax, labels)
+    renderer = fig.canvas.get_renderer()
+    frame, box = ax.get_window_extent(renderer), ax.texts[1].get_window_extent(renderer)
+    assert offsets[0] == (7, 6) and offsets[1][0] < 0  # the edge point is named on its left
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1
+    plt.close(fig)
+
+
 def _waiter(me: str, other: str, seconds: float) -> str:
     """A job that marks itself started, then waits for ``other`` to start: it can only succeed if both run at once."""
     return (f"import os, pathlib, sys, time; pathlib.Path({me!r}).write_text(os.environ.get('OMP_NUM_THREADS', '-'))\n"

@@ -202,7 +202,7 @@ LABEL_OFFSETS = [(7, 6, "left"), (7, -14, "left"), (-7, 6, "right"), (-7, -14, "
 def place_labels(fig, ax, labels: list[tuple[str, float, float, Any]]) -> list[tuple[float, float]]:
     """Names each point beside it, at the first offset of ``LABEL_OFFSETS`` where the name overlaps no name placed
     before it and no other point's marker (close points — e.g. two methods with the same scores — get their names apart, not on top of each
-    other). Returns the offsets (points) used."""
+    other) and stays inside the axes (a point at the right edge is named on its left). Returns the offsets (points) used."""
     from matplotlib.transforms import Bbox
 
     fig.canvas.draw()
@@ -210,13 +210,15 @@ def place_labels(fig, ax, labels: list[tuple[str, float, float, Any]]) -> list[t
     r = 6 * fig.dpi / 72  # a marker's half-width, in pixels
     markers = [Bbox.from_extents(px - r, py - r, px + r, py + r)
                for px, py in (ax.transData.transform((x, y)) for _, x, y, _ in labels)]
+    frame = ax.get_window_extent(renderer)
     placed, used = [], []
     for i, (name, x, y, color) in enumerate(labels):
         others = placed + markers[:i] + markers[i + 1:]
         for dx, dy, ha in LABEL_OFFSETS:
             text = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8, color=color)
             box = text.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in others):
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in others):
                 break
             text.remove()
         else:  # every offset overlaps: keep the first
